@@ -1,0 +1,68 @@
+# make demo  - set up .venv if needed, prepare the digits dataset, run the main job
+# make test  - set up .venv if needed, run the whole suite (plain pytest, then MPI at 1, 2, 3 ranks)
+# make bench - the benchmarks (see benchmarks/README.md)
+#
+# On a cluster with your own Python/MPI/CUDA torch, skip the venv:
+#   make test PYTHON=$(which python) MPIEXEC=mpirun
+# (that Python needs this package installed: pip install -e '.[test,demo]').
+
+SHELL := /bin/bash
+VENV ?= .venv
+# CPU wheel on CPU machines; an unpinned torch pulls several GB of CUDA packages.
+TORCH_SPEC ?= torch==2.13.0
+TEST_TIMEOUT ?= 900
+MPI_SIZES ?= 1 2 3
+
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+MPIEXEC ?= $(VENV)/bin/mpiexec
+SETUP := $(VENV)/.installed
+else
+MPIEXEC ?= mpiexec
+SETUP :=
+endif
+
+DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: demo test test-serial test-mpi bench setup clean
+
+setup: $(SETUP)
+
+$(VENV)/.installed: setup.py setup.cfg
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip >/dev/null
+	$(VENV)/bin/pip install "$(TORCH_SPEC)" mpich
+	$(VENV)/bin/pip install -e '.[test,demo]'
+	touch $@
+
+data/digits.h5: | $(SETUP)
+	$(PYTHON) -m data_prep digits --out $@
+
+demo: $(SETUP) data/digits.h5
+	@echo "== serial back-propagation, 1 rank"
+	$(MPIEXEC) -n 1 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-serial \
+	    --set run.out_dir=$(DEMO_DIR) --set run.name=serial-1rank
+	@echo "== data-parallel back-propagation, 2 ranks"
+	$(MPIEXEC) -n 2 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-serial \
+	    --set run.out_dir=$(DEMO_DIR) --set run.name=dataparallel-2ranks
+	@echo "== comparison"
+	$(PYTHON) -m hpc_layerpar summary $(DEMO_DIR)/*.h5
+
+test: $(SETUP)
+	$(MAKE) --no-print-directory test-serial test-mpi PYTHON=$(PYTHON) MPIEXEC=$(MPIEXEC)
+
+test-serial:
+	timeout $(TEST_TIMEOUT) $(PYTHON) -m pytest -q
+
+test-mpi:
+	@for n in $(MPI_SIZES); do \
+	  echo "== MPI tests under $(MPIEXEC) -n $$n"; \
+	  timeout $(TEST_TIMEOUT) $(MPIEXEC) -n $$n $(PYTHON) -m mpi4py tests/mpi_pytest.py -q -m mpi || exit 1; \
+	done
+
+bench: $(SETUP)
+	$(PYTHON) benchmarks/run.py
+
+clean:
+	rm -rf build *.egg-info .pytest_cache

@@ -1,0 +1,75 @@
+"""`python -m data_prep digits|mnist|cifar10|cifar100 [--raw PATH | --download DIR] [--out FILE]`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hpc_layerpar.dataformat import write_dataset
+
+from . import converters as C
+
+DEFAULT_OUT = {"digits": "data/digits.h5", "mnist": "data/mnist.h5", "cifar10": "data/cifar10.h5",
+               "cifar100": "data/cifar100.h5"}
+
+
+def _download(kind: str, root: str) -> str:
+    """Fetch the raw files with torchvision (networked machines only); return the raw path."""
+    try:
+        import torchvision.datasets as tvd
+    except Exception as exc:  # noqa: BLE001 - torchvision fails in many ways next to a foreign torch
+        raise C.ConvertError(f"--download needs torchvision, which does not import here ({exc}). "
+                             "Install it (`pip install -e .[vision]`) on a machine with internet access, "
+                             "or fetch the raw files yourself and use --raw PATH.") from None
+    import os
+    if kind == "mnist":
+        tvd.MNIST(root, train=True, download=True)
+        return os.path.join(root, "MNIST", "raw")
+    cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
+    cls(root, train=True, download=True)
+    return os.path.join(root, C.CIFAR[kind]["archive"])
+
+
+def convert(kind: str, out: str, raw: str | None = None, download: str | None = None) -> str:
+    if kind == "digits":
+        train, test = C.load_digits()
+        return write_dataset(out, name="digits", train=train, test=test, num_classes=10,
+                             source="sklearn.datasets.load_digits, split default_rng(0) 1437/360",
+                             hflip=False)
+    if raw is None and download is None:
+        raise C.ConvertError(f"{kind} needs --raw PATH (the original files) or --download DIR")
+    path = raw if raw is not None else _download(kind, download)
+    if kind == "mnist":
+        train, test = C.load_mnist(path)
+        return write_dataset(out, name="mnist", train=train, test=test, num_classes=10,
+                             source=f"MNIST idx files from {path}", hflip=False)
+    train, test = C.load_cifar(kind, path)
+    return write_dataset(out, name=kind, train=train, test=test, num_classes=C.CIFAR[kind]["classes"],
+                         source=f"{C.CIFAR[kind]['archive']} from {path}", hflip=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
+    p.add_argument("dataset", choices=sorted(DEFAULT_OUT))
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--raw", help="MNIST: folder with the four idx(.gz) files; CIFAR: the python "
+                                   "tarball or its extracted folder")
+    src.add_argument("--download", metavar="DIR", help="download raw files into DIR with torchvision")
+    p.add_argument("--out", help="output HDF5 file (default data/<dataset>.h5)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    args = p.parse_args(argv)
+    out = args.out or DEFAULT_OUT[args.dataset]
+    import os
+    if os.path.exists(out) and not args.force:
+        print(f"{out} exists; keeping it (use --force to rebuild)")
+        return 0
+    try:
+        path = convert(args.dataset, out, args.raw, args.download)
+    except (C.ConvertError, OSError) as exc:
+        sys.stderr.write(f"data_prep: error: {exc}\n")
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+"""Run configuration: frozen dataclasses by concern, presets, file + --set overrides, validation."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the value and the remedy."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/digits.h5"
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    augment: bool = True
+    crop_pad: int = -1          # -1: image height // 8 (4 for 32x32, 1 for 8x8)
+    flip: str = "auto"          # auto: follow the dataset's `hflip` attribute; on | off
+    drop_last: bool = True      # equal-sized steps keep BatchNorm statistics and timings comparable
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet"        # resnet (pre-activation, depth 6n+2) | wrn (WRN-d-k, depth 6n+4)
+    depth: int = 20
+    width: int = 1              # WRN widening factor k; must be 1 for resnet
+    base_width: int = 16
+    norm: str = "batch"         # batch | none (none: for exact equivalence tests)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"    # cosine | step | constant
+    warmup_epochs: float = 0.0
+    milestones: tuple = ()      # epochs at which `step` multiplies the lr by gamma
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    phases: str = "serial:30"   # SPH phase list, see schedule.parse_phases
+    seed: int = 0
+    eval_every: int = 1         # evaluate the true network every N epochs (and after the last)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""              # empty: the preset name, or "run"
+    out_dir: str = "runs"
+    device: str = "auto"        # auto | cpu | cuda | cuda:N
+    threads: int = 0            # torch threads per rank; 0: cores per node / ranks per node
+    progress: str = "auto"      # auto: a live bar on a terminal, lines otherwise | lines | off
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+# Presets are overrides on the defaults; names read dataset-architecture-method.
+PRESETS: dict[str, dict] = {
+    "digits-resnet-serial": {
+        "data": {"path": "data/digits.h5", "batch_size": 64, "eval_batch_size": 512},
+        "model": {"arch": "resnet", "depth": 20},
+        "optim": {"lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1},
+        "train": {"phases": "serial:30"},
+    },
+    "mnist-resnet20-serial": {
+        "data": {"path": "data/mnist.h5", "batch_size": 128},
+        "model": {"arch": "resnet", "depth": 20},
+        "optim": {"lr": 0.1, "schedule": "cosine", "warmup_epochs": 1},
+        "train": {"phases": "serial:20"},
+    },
+    "cifar10-resnet56-serial": {
+        "data": {"path": "data/cifar10.h5", "batch_size": 128},
+        "model": {"arch": "resnet", "depth": 56},
+        "optim": {"lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 2},
+        "train": {"phases": "serial:160"},
+    },
+    "cifar100-wrn28-10-serial": {
+        "data": {"path": "data/cifar100.h5", "batch_size": 128},
+        "model": {"arch": "wrn", "depth": 28, "width": 10},
+        "optim": {"lr": 0.1, "weight_decay": 5e-4, "schedule": "step",
+                  "milestones": [60, 120, 160], "gamma": 0.2},
+        "train": {"phases": "serial:200"},
+    },
+}
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(section: str, f: dataclasses.Field, value, hints):
+    key = f"{section}.{f.name}"
+    typ = hints[f.name]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}={value!r} is not a boolean; use true or false.")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number, e.g. {f.default}.")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number, e.g. {f.default}.") from None
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} is not a number; give e.g. {f.default}.")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} is not a number; give e.g. {f.default}.") from None
+    if typ is str:
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            return "on" if value else "off"
+        return str(value)
+    if typ is tuple:
+        if isinstance(value, str):
+            value = value.strip().strip("[]()").replace(",", " ").split()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} is not a list; give e.g. [60, 120].")
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}={value!r} must be a list of numbers, e.g. [60, 120].") from None
+    raise AssertionError(f"unhandled config type {typ} for {key}")
+
+
+def _build(overrides: dict) -> Config:
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(overrides).__name__}; "
+                          "see the README's config section.")
+    sections = {f.name: f for f in fields(Config)}
+    for name in overrides:
+        if name not in sections:
+            raise ConfigError(f"unknown config section '{name}'.{_suggest(name, sections)} "
+                              f"Valid sections: {', '.join(sections)}.")
+    built = {}
+    for sname, sfield in sections.items():
+        cls = sfield.default_factory
+        hints = typing.get_type_hints(cls)
+        given = overrides.get(sname, {}) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"config section '{sname}' must be a mapping, got {given!r}.")
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in given.items():
+            if key not in known:
+                raise ConfigError(f"unknown config key '{sname}.{key}'.{_suggest(key, known)} "
+                                  f"Valid keys of '{sname}': {', '.join(known)}.")
+            kwargs[key] = _coerce(sname, known[key], value, hints)
+        built[sname] = cls(**kwargs)
+    return Config(**built)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items) -> dict:
+    """`section.key=value` strings -> nested dict of raw strings; _coerce types them per field."""
+    out: dict = {}
+    for item in items or ():
+        path = item.split("=", 1)[0]
+        if "=" not in item or "." not in path or not all(path.split(".", 1)):
+            raise ConfigError(f"--set {item!r} is not of the form section.key=value, "
+                              "e.g. --set optim.lr=0.05.")
+        section, key = path.strip().split(".", 1)
+        out.setdefault(section, {})[key] = item.split("=", 1)[1].strip()
+    return out
+
+
+def load_file(path: str) -> dict:
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist; check the path or use --preset.")
+    with open(path) as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (data:, model:, ...).")
+    return data
+
+
+def resolve(preset: str | None = None, path: str | None = None, sets=()) -> Config:
+    """Defaults <- preset <- config file <- --set overrides, then validation."""
+    tree: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{preset}'.{_suggest(preset, PRESETS)} "
+                              f"Available: {', '.join(sorted(PRESETS))} (list them with `hpc_layerpar presets`).")
+        tree = _merge(tree, PRESETS[preset])
+    if path:
+        tree = _merge(tree, load_file(path))
+    tree = _merge(tree, parse_set(sets))
+    cfg = _build(tree)
+    if not cfg.run.name:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=preset or "run"))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a Config from its to_dict() form (e.g. the one stored in a metrics file)."""
+    cfg = _build(tree)
+    validate(cfg)
+    return cfg
+
+
+def _choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{_suggest(str(value), choices)}")
+
+
+def _positive(key, value, strict=True):
+    if (value <= 0) if strict else (value < 0):
+        raise ConfigError(f"{key}={value} must be {'> 0' if strict else '>= 0'}.")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data and no MPI; shape checks against the data happen in train.run."""
+    from .schedule import parse_phases  # local: schedule imports nothing from here at module level
+
+    d, m, o, t, r = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.run
+    _positive("data.batch_size", d.batch_size)
+    _positive("data.eval_batch_size", d.eval_batch_size)
+    if d.crop_pad < -1:
+        raise ConfigError(f"data.crop_pad={d.crop_pad} must be -1 (automatic) or >= 0.")
+    _choice("data.flip", d.flip, ("auto", "on", "off"))
+    _choice("model.arch", m.arch, ("resnet", "wrn"))
+    _choice("model.norm", m.norm, ("batch", "none"))
+    _positive("model.base_width", m.base_width)
+    if m.arch == "resnet" and (m.depth < 8 or (m.depth - 2) % 6):
+        raise ConfigError(f"model.depth={m.depth} is not a CIFAR ResNet depth 6n+2 (n >= 1); "
+                          "use 8, 14, 20, 32, 44, 56, 110 or 1202.")
+    if m.arch == "resnet" and m.width != 1:
+        raise ConfigError(f"model.width={m.width} applies to arch=wrn only; set model.width=1 "
+                          "or model.arch=wrn.")
+    if m.arch == "wrn" and (m.depth < 10 or (m.depth - 4) % 6):
+        raise ConfigError(f"model.depth={m.depth} is not a WideResNet depth 6n+4 (n >= 1); "
+                          "use e.g. 16, 22, 28 or 40.")
+    _positive("model.width", m.width)
+    _positive("optim.lr", o.lr)
+    if not 0 <= o.momentum < 1:
+        raise ConfigError(f"optim.momentum={o.momentum} must lie in [0, 1).")
+    if o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0; set one or the other.")
+    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    _choice("optim.schedule", o.schedule, ("cosine", "step", "constant"))
+    _positive("optim.warmup_epochs", o.warmup_epochs, strict=False)
+    _positive("optim.gamma", o.gamma)
+    if o.schedule == "step" and not o.milestones:
+        raise ConfigError("optim.schedule=step needs optim.milestones, e.g. --set optim.milestones=[60,120].")
+    if list(o.milestones) != sorted(o.milestones):
+        raise ConfigError(f"optim.milestones={list(o.milestones)} must be increasing.")
+    phases = parse_phases(t.phases)
+    total = sum(p.epochs for p in phases)
+    if o.warmup_epochs >= total:
+        raise ConfigError(f"optim.warmup_epochs={o.warmup_epochs} must be shorter than the run "
+                          f"({total} epochs from train.phases={t.phases!r}).")
+    _positive("train.eval_every", t.eval_every)
+    if t.seed < 0:
+        raise ConfigError(f"train.seed={t.seed} must be >= 0.")
+    dev = r.device
+    if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
+    _positive("run.threads", r.threads, strict=False)
+    _choice("run.progress", r.progress, ("auto", "lines", "off"))
+    if not r.name or any(c in r.name for c in "/\\ "):
+        raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
+                          "it names the metrics file.")
+
+
+def describe_presets() -> str:
+    lines = []
+    for name in sorted(PRESETS):
+        p = PRESETS[name]
+        lines.append(f"{name:32s} {p['model']['arch']}-{p['model']['depth']}"
+                     f"{'-' + str(p['model'].get('width')) if p['model'].get('width') else ''}"
+                     f"  data={p['data']['path']}  phases={p['train']['phases']}")
+    return "\n".join(lines)

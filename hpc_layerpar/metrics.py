@@ -1,0 +1,151 @@
+"""The HDF5 metrics file: one per run, written by rank 0, reopened and closed every epoch so a
+killed job leaves a readable file; and the reader that checks its schema."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+
+import h5py
+import numpy as np
+
+SCHEMA = "hpc_layerpar-metrics"
+SCHEMA_VERSION = 1
+
+# name -> (dtype, per_rank, unit / meaning). Per-rank columns have shape (epochs, world_size).
+COLUMNS = {
+    "epoch": ("i8", False, "global epoch index, 0-based"),
+    "phase": ("str", False, "method of the SPH phase this epoch belongs to (serial, ...)"),
+    "phase_index": ("i8", False, "index of the phase in the schedule"),
+    "lr": ("f8", False, "learning rate at the start of the epoch"),
+    "train_loss": ("f8", False, "mean training loss over the epoch's samples (augmented when on)"),
+    "train_acc": ("f8", False, "training accuracy over the epoch's samples, in [0, 1]"),
+    "test_loss": ("f8", False, "test loss of the true network; NaN when not evaluated this epoch"),
+    "test_acc": ("f8", False, "test accuracy of the true network in [0, 1]; NaN when not evaluated"),
+    "epoch_seconds": ("f8", False, "wall time of the training epoch (max over ranks), no evaluation"),
+    "eval_seconds": ("f8", False, "wall time of the evaluation after the epoch (0 when none)"),
+    "compute_seconds": ("f8", True, "per rank: seconds in forward, backward and optimizer steps"),
+    "comm_seconds": ("f8", True, "per rank: seconds inside MPI calls"),
+    "bytes_sent": ("f8", True, "per rank: bytes sent (collectives counted as a ring would move them)"),
+    "bytes_recv": ("f8", True, "per rank: bytes received (same convention)"),
+}
+
+
+class MetricsError(ValueError):
+    pass
+
+
+def _attr(v):
+    """HDF5-storable form: lists/dicts as JSON, numpy scalars (np.str_ included) as Python values."""
+    if isinstance(v, (list, dict, tuple)):
+        return json.dumps(v)
+    if isinstance(v, str):
+        return v.encode().decode()  # plain str: h5py rejects str subclasses such as TorchVersion
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def git_info() -> tuple[str, bool | None]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        return (sha or "unknown"), (dirty if sha else None)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+
+
+def provenance(extra: dict) -> dict:
+    import mpi4py
+    import torch
+
+    sha, dirty = git_info()
+    info = {
+        "git_sha": sha, "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
+        "torch_version": torch.__version__, "mpi4py_version": mpi4py.__version__,
+        "h5py_version": h5py.__version__, "numpy_version": np.__version__,
+        "hdf5_version": h5py.version.hdf5_version, "python_version": platform.python_version(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    info.update(extra)
+    return info
+
+
+def unique_path(out_dir: str, name: str) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    job = os.environ.get("SLURM_JOB_ID")
+    base = os.path.join(out_dir, f"{name}-{stamp}" + (f"-j{job}" if job else ""))
+    path, i = base + ".h5", 1
+    while os.path.exists(path):
+        path, i = f"{base}-{i}.h5", i + 1
+    return path
+
+
+class MetricsWriter:
+    """Rank 0's writer. Columns grow by one row per epoch; the file is closed between epochs."""
+
+    def __init__(self, path: str, *, config_json: str, world_size: int, attrs: dict):
+        self.path, self.world_size = path, world_size
+        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+        with h5py.File(path, "w") as f:
+            f.attrs["schema"] = SCHEMA
+            f.attrs["schema_version"] = SCHEMA_VERSION
+            f.attrs["config"] = config_json
+            f.attrs["world_size"] = world_size
+            f.attrs["status"] = "running"
+            for k, v in attrs.items():
+                f.attrs[k] = _attr(v)
+            g = f.create_group("epochs")
+            for name, (dtype, per_rank, doc) in COLUMNS.items():
+                shape = (0, world_size) if per_rank else (0,)
+                maxshape = (None, world_size) if per_rank else (None,)
+                dt = h5py.string_dtype() if dtype == "str" else dtype
+                d = g.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt,
+                                     chunks=(64, world_size) if per_rank else (256,))
+                d.attrs["doc"] = doc
+
+    def append(self, row: dict) -> None:
+        missing = set(COLUMNS) - set(row)
+        if missing:
+            raise KeyError(f"metrics row lacks {sorted(missing)}")
+        with h5py.File(self.path, "a") as f:
+            g = f["epochs"]
+            for name, (dtype, per_rank, _) in COLUMNS.items():
+                d = g[name]
+                n = d.shape[0]
+                d.resize(n + 1, axis=0)
+                d[n] = np.asarray(row[name], dtype=np.float64) if per_rank else row[name]
+
+    def set_attrs(self, **attrs) -> None:
+        with h5py.File(self.path, "a") as f:
+            for k, v in attrs.items():
+                f.attrs[k] = _attr(v)
+
+
+def read_metrics(path: str) -> dict:
+    """{'attrs': {...}, 'config': dict, 'columns': {name: ndarray}}; checks schema and version."""
+    if not os.path.exists(path):
+        raise MetricsError(f"metrics file '{path}' does not exist")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise MetricsError(f"'{path}' is not a readable HDF5 file ({exc})") from None
+    with f:
+        if f.attrs.get("schema") != SCHEMA:
+            raise MetricsError(f"'{path}' is not an hpc_layerpar metrics file "
+                               f"(schema attribute {f.attrs.get('schema')!r})")
+        ver = int(f.attrs.get("schema_version", -1))
+        if ver != SCHEMA_VERSION:
+            raise MetricsError(f"'{path}' has metrics schema version {ver}; this hpc_layerpar reads "
+                               f"version {SCHEMA_VERSION}. Use the hpc_layerpar release that wrote it.")
+        if "epochs" not in f:
+            raise MetricsError(f"'{path}' lacks the /epochs group; the run died while creating it")
+        attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
+        cols = {}
+        for name in f["epochs"]:
+            d = f["epochs"][name][...]
+            cols[name] = d.astype(str) if d.dtype.kind in ("O", "S") else d
+    return {"attrs": attrs, "config": json.loads(attrs["config"]), "columns": cols}

@@ -1,0 +1,149 @@
+"""Pre-activation CIFAR ResNets and WideResNets as a flat sequence [stem, blocks..., head]; no MPI."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
+
+
+class Stem(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class PreActBlock(nn.Module):
+    """x + f(x) with f = conv(relu(bn(conv(relu(bn(x)))))); a 1x1 projection where the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.bn1 = _norm(norm, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+                         if stride != 1 or cin != cout else None)
+
+    def forward(self, x):
+        o = F.relu(self.bn1(x))
+        # Pre-activation ResNets feed the projection from the activated input (He et al. 2016).
+        sc = x if self.shortcut is None else self.shortcut(o)
+        o = self.conv1(o)
+        o = self.conv2(F.relu(self.bn2(o)))
+        return o + sc
+
+
+class Head(nn.Module):
+    def __init__(self, channels: int, classes: int, norm: str):
+        super().__init__()
+        self.bn = _norm(norm, channels)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class LayerSequence(nn.Module):
+    """G = H o B_{N-1} o ... o B_0 o S as a flat ModuleList, with per-element costs and shapes.
+
+    `shapes[i]` is the per-sample input shape (C, H, W) of element i; `shapes[-1]` the logits'.
+    `costs[i]` estimates multiply-accumulates per sample of element i (forward), the input to
+    the stage partitioner."""
+
+    def __init__(self, elements, shapes, costs, name):
+        super().__init__()
+        self.elements = nn.ModuleList(elements)
+        self.shapes = [tuple(s) for s in shapes]
+        self.costs = [int(c) for c in costs]
+        self.name = name
+
+    def __len__(self):
+        return len(self.elements)
+
+    def forward(self, x, start: int = 0, end: int | None = None):
+        for el in self.elements[start:end]:
+            x = el(x)
+        return x
+
+    def element_params(self, i: int):
+        return list(self.elements[i].parameters())
+
+
+def _conv_macs(cin, cout, k, hout, wout):
+    return cin * cout * k * k * hout * wout
+
+
+def build_model(arch: str, depth: int, width: int = 1, *, in_channels: int, image_size: int,
+                num_classes: int, base_width: int = 16, norm: str = "batch") -> LayerSequence:
+    """ResNet-(6n+2) (3 groups of n pre-activation blocks, widths w, 2w, 4w) or WRN-(6n+4)-k
+    (widths 16k, 32k, 64k after a 16-channel stem). Resolution halves at groups 2 and 3."""
+    if arch == "resnet":
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"ResNet depth must be 6n+2, got {depth}")
+        n, widths = (depth - 2) // 6, [base_width, 2 * base_width, 4 * base_width]
+        name = f"resnet{depth}"
+    elif arch == "wrn":
+        if (depth - 4) % 6 or depth < 10:
+            raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+        n, widths = (depth - 4) // 6, [base_width * width, 2 * base_width * width, 4 * base_width * width]
+        name = f"wrn{depth}-{width}"
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    if image_size % 4:
+        raise ValueError(f"image size {image_size} must be divisible by 4 (two stride-2 stages)")
+    elements, shapes, costs = [], [], []
+    h = image_size
+    stem = Stem(in_channels, base_width)
+    elements.append(stem); shapes.append((in_channels, h, h))
+    costs.append(_conv_macs(in_channels, base_width, 3, h, h))
+    cin = base_width
+    for g, cout in enumerate(widths):
+        for b in range(n):
+            stride = 2 if (g > 0 and b == 0) else 1
+            shapes.append((cin, h, h))
+            h //= stride
+            blk = PreActBlock(cin, cout, stride, norm)
+            c = _conv_macs(cin, cout, 3, h, h) + _conv_macs(cout, cout, 3, h, h)
+            if blk.shortcut is not None:
+                c += _conv_macs(cin, cout, 1, h, h)
+            elements.append(blk); costs.append(c + 4 * cout * h * h)  # + BN/ReLU/add
+            cin = cout
+    shapes.append((cin, h, h))
+    elements.append(Head(cin, num_classes, norm)); costs.append(cin * num_classes + 3 * cin * h * h)
+    shapes.append((num_classes,))
+    model = LayerSequence(elements, shapes, costs, name)
+    _init(model)
+    return model
+
+
+def _init(model: nn.Module) -> None:
+    for mod in model.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+        elif isinstance(mod, nn.Linear):
+            nn.init.normal_(mod.weight, std=0.01)
+            nn.init.zeros_(mod.bias)
+
+
+def model_from_config(mcfg, *, in_channels: int, image_size: int, num_classes: int, seed: int):
+    """Every rank builds the same network from the same seed, so no initial broadcast is needed."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(mcfg.arch, mcfg.depth, mcfg.width, in_channels=in_channels,
+                           image_size=image_size, num_classes=num_classes,
+                           base_width=mcfg.base_width, norm=mcfg.norm)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

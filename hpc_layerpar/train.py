@@ -1,0 +1,202 @@
+"""run(cfg, comm): set up data and model on every rank, walk the schedule, write the metrics."""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import metrics as M
+from .comm import Comm, hostname, library_version
+from .config import Config, ConfigError
+from .data import DeviceDataset, make_augment
+from .dataformat import DataError
+from .models import count_parameters, model_from_config
+from .schedule import lr_at, parse_phases, phase_of_epoch, total_epochs
+from .serial import SerialEngine, make_optimizer
+from .sweep import evaluate
+
+
+def resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"run.device={spec!r} but this torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use run.device=auto or cpu.")
+    if spec == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    idx = int(spec.split(":")[1])
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={spec!r} but only {torch.cuda.device_count()} CUDA devices exist.")
+    return torch.device("cuda", idx)
+
+
+def set_threads(threads: int, local_size: int) -> int:
+    if threads == 0:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // max(local_size, 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_fit(cfg: Config, data: DeviceDataset, comm: Comm) -> None:
+    """Configuration checks that need the dataset's shape."""
+    c, h, w = data.shape
+    if h != w or h % 4:
+        raise ConfigError(f"images of {data.name} are {h}x{w}; the models need square images whose side "
+                          "is divisible by 4. Re-create the dataset or pad it.")
+    if cfg.data.batch_size > data.n_train:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {data.n_train} training "
+                          f"images of {data.name}; use a smaller batch.")
+    if cfg.data.batch_size < comm.size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is smaller than the {comm.size} ranks "
+                          "that share each batch; use a batch of at least one sample per rank.")
+
+
+def agree(comm: Comm, fn):
+    """Run a set-up step on every rank; if it fails with a user error on any rank, raise that error
+    on all ranks alike, so no rank waits in a collective for a peer that gave up."""
+    err = None
+    try:
+        result = fn()
+    except (ConfigError, DataError) as exc:
+        err, result = exc, None
+    errors = comm.allgather_obj(None if err is None else (type(err).__name__, str(err)))
+    for r, e in enumerate(errors):
+        if e is not None:
+            cls = ConfigError if e[0] == "ConfigError" else DataError
+            msg = e[1] if comm.size == 1 else f"{e[1]} (reported by rank {r})"
+            raise cls(msg)
+    return result
+
+
+class Progress:
+    """One line per epoch for batch logs; a live bar only when stdout is a terminal."""
+
+    def __init__(self, mode: str, enabled: bool):
+        self.enabled = enabled and mode != "off"
+        self.bar = self.enabled and mode == "auto" and sys.stdout.isatty()
+
+    def log(self, text: str):
+        if self.enabled:
+            if self.bar:
+                sys.stdout.write("\r\x1b[K")
+            print(text, flush=True)
+
+    def step(self, epoch, total_epochs_, step, steps, loss):
+        if self.bar:
+            width = 30
+            fill = int(width * step / steps)
+            sys.stdout.write(f"\r  epoch {epoch + 1}/{total_epochs_} [{'#' * fill}{'.' * (width - fill)}] "
+                             f"{step}/{steps} loss {loss:.4f}")
+            sys.stdout.flush()
+
+
+@dataclass
+class Summary:
+    metrics_path: str
+    final_test_acc: float
+    best_test_acc: float
+    wall_seconds: float
+    epochs: int
+
+
+def run(cfg: Config, comm: Comm | None = None, out=None) -> Summary:
+    comm = comm or Comm.world()
+    t_start = time.perf_counter()
+    progress = Progress(cfg.run.progress, enabled=(comm.rank == 0) and out is None)
+
+    def setup():
+        device = resolve_device(cfg.run.device, comm.local_rank)
+        threads = set_threads(cfg.run.threads, comm.local_size)
+        data = DeviceDataset(cfg.data.path, device)
+        check_fit(cfg, data, comm)
+        return device, threads, data
+
+    device, threads, data = agree(comm, setup)
+    phases = parse_phases(cfg.train.phases)
+    n_epochs = total_epochs(phases)
+    c, h, _ = data.shape
+    model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
+                              seed=cfg.train.seed).to(device)
+    opt = make_optimizer(model, cfg.optim)
+    augment = make_augment(cfg.data, data, cfg.train.seed)
+    engine = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
+                          drop_last=cfg.data.drop_last, seed=cfg.train.seed)
+    o = cfg.optim
+
+    def lr_fn(t):
+        return lr_at(t, base=o.lr, total=n_epochs, schedule=o.schedule, warmup=o.warmup_epochs,
+                     milestones=o.milestones, gamma=o.gamma)
+
+    hosts = comm.allgather_obj(hostname())
+    devices = comm.allgather_obj(str(device) + ("" if device.type != "cuda" else
+                                                f" ({torch.cuda.get_device_name(device)})"))
+    writer = None
+    path = None
+    if comm.rank == 0:
+        path = M.unique_path(cfg.run.out_dir, cfg.run.name)
+        attrs = M.provenance({
+            "mpi_library": library_version(), "hostnames": hosts, "devices": devices,
+            "threads_per_rank": threads, "model": model.name, "num_parameters": count_parameters(model),
+            "dataset": data.name, "dataset_path": os.path.abspath(cfg.data.path),
+            "n_train": data.n_train, "n_test": data.n_test, "phases": cfg.train.phases,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+        })
+        writer = M.MetricsWriter(path, config_json=cfg.to_json(), world_size=comm.size, attrs=attrs)
+    path = comm.bcast_obj(path)
+    progress.log(f"hpc_layerpar: {model.name} ({count_parameters(model) / 1e6:.3f} M parameters) on "
+                 f"{data.name} ({data.n_train} train / {data.n_test} test, {c}x{h}x{h}), "
+                 f"{comm.size} rank(s), device {device}, {threads} thread(s)/rank, "
+                 f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
+    progress.log(f"metrics file: {path}")
+
+    best = final = float("nan")
+    for epoch in range(n_epochs):
+        pidx, phase = phase_of_epoch(phases, epoch)
+        comm.counters.reset()
+        comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
+        t0 = time.perf_counter()
+        stats = engine.train_epoch(epoch, lr_fn, on_step=lambda s, n, loss: progress.step(
+            epoch, n_epochs, s, n, loss))
+        epoch_s = time.perf_counter() - t0
+        counters = comm.counters.as_tuple()
+        test_loss = test_acc = float("nan")
+        eval_s = 0.0
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch == n_epochs - 1:
+            t1 = time.perf_counter()
+            test_loss, test_acc = evaluate(model, data, comm, cfg.data.eval_batch_size)
+            eval_s = time.perf_counter() - t1
+            final = test_acc
+            best = test_acc if math.isnan(best) else max(best, test_acc)
+        per_rank = comm.gather_obj((stats.compute_seconds, *counters, epoch_s))
+        if comm.rank == 0:
+            cols = list(zip(*per_rank))
+            row = {"epoch": epoch, "phase": phase.method, "phase_index": pidx, "lr": lr_fn(epoch),
+                   "train_loss": stats.train_loss, "train_acc": stats.train_acc,
+                   "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": max(cols[4]),
+                   "eval_seconds": eval_s, "compute_seconds": cols[0], "comm_seconds": cols[1],
+                   "bytes_sent": cols[2], "bytes_recv": cols[3]}
+            writer.append(row)
+            acc = "" if math.isnan(test_acc) else f" test_loss {test_loss:.4f} test_acc {100 * test_acc:6.2f}%"
+            progress.log(f"epoch {epoch + 1:4d}/{n_epochs} {phase.method:7s} lr {row['lr']:.4f} "
+                         f"train_loss {stats.train_loss:.4f} train_acc {100 * stats.train_acc:6.2f}%{acc} "
+                         f"time {max(cols[4]):.2f}s (compute {max(cols[0]):.2f}s, comm {max(cols[1]):.2f}s)")
+    wall = time.perf_counter() - t_start
+    if comm.rank == 0:
+        writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=final,
+                         finished=M.provenance({})["started"])
+        progress.log(f"done in {wall:.1f}s: final test accuracy {100 * final:.2f}% "
+                     f"(best {100 * best:.2f}%); metrics written to {path}")
+    return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best, wall_seconds=wall,
+                   epochs=n_epochs)
