@@ -43,8 +43,11 @@ def _open_maybe_gz(path):
 
 def read_idx(path: str) -> np.ndarray:
     """An idx file (optionally gzipped): magic 0x00 0x00 dtype ndim, big-endian dims, data."""
-    with _open_maybe_gz(path) as fh:
-        raw = fh.read()
+    try:
+        with _open_maybe_gz(path) as fh:
+            raw = fh.read()
+    except (EOFError, OSError) as exc:
+        raise ConvertError(f"'{path}' cannot be read ({exc}): truncated or corrupt; download it again") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise ConvertError(f"'{path}' is not an idx file (bad magic number)")
     if raw[2] != 0x08:
@@ -111,13 +114,13 @@ def _cifar_members(path: str, spec: dict):
         raise ConvertError(f"'{path}' is not a readable {spec['archive']} ({exc}); download it again") from None
     out = {}
     with tf:
-        for m in tf.getmembers():
-            base = os.path.basename(m.name)
-            if m.isfile() and base in names and os.path.basename(os.path.dirname(m.name)) == spec["dir"]:
-                try:
+        try:
+            for m in tf:
+                base = os.path.basename(m.name)
+                if m.isfile() and base in names and os.path.basename(os.path.dirname(m.name)) == spec["dir"]:
                     out[base] = tf.extractfile(m).read()
-                except (OSError, tarfile.TarError, EOFError) as exc:
-                    raise ConvertError(f"'{path}' is truncated ({exc}); download it again") from None
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            raise ConvertError(f"'{path}' is truncated or corrupt ({exc}); download it again") from None
     missing = [n for n in names if n not in out]
     if missing:
         raise ConvertError(f"'{path}' lacks {spec['dir']}/{missing[0]}; is it the {spec['archive']} archive?")

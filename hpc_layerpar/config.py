@@ -64,12 +64,19 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DebugConfig:
+    fail_rank: int = -1         # >= 0: that rank raises at the start of epoch `fail_epoch` (tests the abort)
+    fail_epoch: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,6 +306,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
     _positive("run.threads", r.threads, strict=False)
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
+    if cfg.debug.fail_epoch < 0 or cfg.debug.fail_rank < -1:
+        raise ConfigError("debug.fail_rank must be >= -1 and debug.fail_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):
         raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
                           "it names the metrics file.")

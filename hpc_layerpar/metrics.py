@@ -6,7 +6,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import subprocess
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
@@ -84,13 +86,29 @@ def unique_path(out_dir: str, name: str) -> str:
     return path
 
 
+@contextmanager
+def _atomic_update(path: str, create: bool = False):
+    """Edit a copy, then rename it over the file: whenever the job is killed, the file on disk is
+    a complete earlier or later version, never a half-written one. Metrics files are small."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if not create:
+        shutil.copyfile(path, tmp)
+    try:
+        with h5py.File(tmp, "w" if create else "a") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 class MetricsWriter:
-    """Rank 0's writer. Columns grow by one row per epoch; the file is closed between epochs."""
+    """Rank 0's writer. Columns grow by one row per epoch; each update is atomic (see above)."""
 
     def __init__(self, path: str, *, config_json: str, world_size: int, attrs: dict):
         self.path, self.world_size = path, world_size
         os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-        with h5py.File(path, "w") as f:
+        with _atomic_update(path, create=True) as f:
             f.attrs["schema"] = SCHEMA
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["config"] = config_json
@@ -111,7 +129,7 @@ class MetricsWriter:
         missing = set(COLUMNS) - set(row)
         if missing:
             raise KeyError(f"metrics row lacks {sorted(missing)}")
-        with h5py.File(self.path, "a") as f:
+        with _atomic_update(self.path) as f:
             g = f["epochs"]
             for name, (dtype, per_rank, _) in COLUMNS.items():
                 d = g[name]
@@ -120,7 +138,7 @@ class MetricsWriter:
                 d[n] = np.asarray(row[name], dtype=np.float64) if per_rank else row[name]
 
     def set_attrs(self, **attrs) -> None:
-        with h5py.File(self.path, "a") as f:
+        with _atomic_update(self.path) as f:
             for k, v in attrs.items():
                 f.attrs[k] = _attr(v)
 
@@ -130,7 +148,9 @@ def read_metrics(path: str) -> dict:
     if not os.path.exists(path):
         raise MetricsError(f"metrics file '{path}' does not exist")
     try:
-        f = h5py.File(path, "r")
+        # No HDF5 file lock: reading a live run's file, or one whose writer was killed, is safe
+        # because the writer only ever renames complete files into place.
+        f = h5py.File(path, "r", locking=False)
     except OSError as exc:
         raise MetricsError(f"'{path}' is not a readable HDF5 file ({exc})") from None
     with f:

@@ -111,10 +111,15 @@ class Summary:
     epochs: int
 
 
-def run(cfg: Config, comm: Comm | None = None, out=None) -> Summary:
-    comm = comm or Comm.world()
+def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
+    if comm is None:
+        comm = Comm.world()
+        try:
+            return run(cfg, comm, quiet)
+        finally:
+            comm.free()
     t_start = time.perf_counter()
-    progress = Progress(cfg.run.progress, enabled=(comm.rank == 0) and out is None)
+    progress = Progress(cfg.run.progress, enabled=(comm.rank == 0) and not quiet)
 
     def setup():
         device = resolve_device(cfg.run.device, comm.local_rank)
@@ -166,6 +171,8 @@ def run(cfg: Config, comm: Comm | None = None, out=None) -> Summary:
         pidx, phase = phase_of_epoch(phases, epoch)
         comm.counters.reset()
         comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
+        if epoch == cfg.debug.fail_epoch and comm.rank == cfg.debug.fail_rank:
+            raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank)")
         t0 = time.perf_counter()
         stats = engine.train_epoch(epoch, lr_fn, on_step=lambda s, n, loss: progress.step(
             epoch, n_epochs, s, n, loss))

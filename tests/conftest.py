@@ -1,0 +1,63 @@
+"""Shared fixtures. Tests marked `mpi` pass at any communicator size: under plain pytest they run
+on one rank, and `make test` runs them again under mpiexec -n 1, 2 and 3."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hpc_layerpar.comm import Comm
+from hpc_layerpar.dataformat import write_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+
+def mpiexec_cmd(n: int) -> list:
+    """The mpiexec next to this Python (the venv's MPICH) or the one on PATH."""
+    exe = os.environ.get("MPIEXEC") or (os.path.join(BIN, "mpiexec")
+                                        if os.path.exists(os.path.join(BIN, "mpiexec")) else "mpiexec")
+    return [exe, "-n", str(n)]
+
+
+def run_cli(args, n=1, timeout=180, env=None, cwd=None):
+    """Run `python -m mpi4py -m hpc_layerpar ARGS` on n ranks; returns the CompletedProcess."""
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    e.update(env or {})
+    cmd = mpiexec_cmd(n) + [sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar"] + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=cwd or ROOT)
+
+
+def make_dataset(path, n_train=64, n_test=32, channels=1, size=8, classes=4, seed=0, hflip=False):
+    """A small learnable dataset: each class has its own mean image, plus noise."""
+    rng = np.random.default_rng(seed)
+    protos = rng.integers(0, 256, size=(classes, channels, size, size))
+
+    def split(n):
+        y = rng.integers(0, classes, size=n)
+        x = np.clip(protos[y] + rng.normal(0, 40, size=(n, channels, size, size)), 0, 255)
+        return x.astype(np.uint8), y.astype(np.int64)
+
+    return write_dataset(str(path), name="synthetic", train=split(n_train), test=split(n_test),
+                         num_classes=classes, source="tests", hflip=hflip)
+
+
+@pytest.fixture(scope="session")
+def world():
+    comm = Comm.world()
+    yield comm
+    comm.free()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """Every rank writes its own copy (same seed, same bytes): no shared file system needed."""
+    return make_dataset(tmp_path_factory.mktemp("data") / "tiny.h5")
+
+
+def assert_all(comm, ok: bool, msg: str):
+    """Collective assert: every rank fails together (a lone failing rank would leave its peers
+    waiting in the next test's collective)."""
+    oks = comm.allgather_obj(bool(ok))
+    assert all(oks), f"{msg} (ok by rank: {oks})"

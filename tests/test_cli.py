@@ -1,0 +1,50 @@
+"""End-to-end through the command line, as a user runs it under mpiexec."""
+import time
+
+import pytest
+
+from conftest import make_dataset, run_cli
+from hpc_layerpar.metrics import read_metrics
+
+pytestmark = pytest.mark.spawns
+
+
+def test_train_on_two_ranks_writes_metrics_and_logs_epochs(tmp_path):
+    data = make_dataset(tmp_path / "d.h5")
+    p = run_cli(["train", "--preset", "digits-resnet-serial", "--set", f"data.path={data}",
+                 "--set", "data.batch_size=16", "--set", "model.depth=8", "--set", "train.phases=serial:2",
+                 "--set", f"run.out_dir={tmp_path}/runs", "--set", "run.name=e2e"], n=2)
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stdout.splitlines() if line.startswith("epoch")]
+    assert len(lines) == 2, "one line per epoch, from rank 0 only"
+    assert "metrics written to" in p.stdout
+    (path,) = (tmp_path / "runs").glob("e2e-*.h5")
+    m = read_metrics(str(path))
+    assert m["attrs"]["world_size"] == 2 and len(m["columns"]["epoch"]) == 2
+    s = run_cli(["summary", str(path)])
+    assert s.returncode == 0 and "e2e" in s.stdout and "completed" in s.stdout
+
+
+def test_exception_on_one_rank_aborts_the_whole_job(tmp_path):
+    """Rank 1 of 3 raises at epoch 1 while its peers sit in collectives: the job must end, non-zero,
+    with the rank and the message in the log, and the metrics file of the epochs before stays readable."""
+    data = make_dataset(tmp_path / "d.h5")
+    t0 = time.perf_counter()
+    p = run_cli(["train", "--preset", "digits-resnet-serial", "--set", f"data.path={data}",
+                 "--set", "data.batch_size=16", "--set", "model.depth=8", "--set", "train.phases=serial:5",
+                 "--set", f"run.out_dir={tmp_path}/runs", "--set", "debug.fail_rank=1",
+                 "--set", "debug.fail_epoch=1"], n=3, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert p.returncode != 0
+    assert "[rank 1]" in p.stderr and "injected failure on rank 1 at epoch 1" in p.stderr
+    assert elapsed < 60, f"abort took {elapsed:.1f}s"
+    (path,) = (tmp_path / "runs").glob("*.h5")
+    m = read_metrics(str(path))
+    assert list(m["columns"]["epoch"]) == [0] and m["attrs"]["status"] == "running"
+
+
+def test_presets_and_print_config():
+    p = run_cli(["presets"])
+    assert p.returncode == 0 and "cifar10-resnet56-serial" in p.stdout
+    p = run_cli(["train", "--preset", "cifar10-resnet56-serial", "--set", "optim.lr=0.05", "--print-config"])
+    assert p.returncode == 0 and "lr: 0.05" in p.stdout and "depth: 56" in p.stdout

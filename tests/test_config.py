@@ -1,0 +1,67 @@
+import pytest
+
+from conftest import run_cli
+from hpc_layerpar.config import PRESETS, ConfigError, from_dict, resolve
+
+
+def test_every_preset_resolves():
+    for name in PRESETS:
+        cfg = resolve(name)
+        assert cfg.run.name == name
+
+
+def test_layering_preset_file_set(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 0.2\n  momentum: 0.8\nrun:\n  progress: off\n")
+    cfg = resolve("digits-resnet-serial", str(f), ["optim.lr=0.3", "optim.milestones=[2,4]",
+                                                   "train.phases=serial:5", "data.augment=false"])
+    assert cfg.optim.lr == 0.3 and cfg.optim.momentum == 0.8 and cfg.run.progress == "off"
+    assert cfg.optim.milestones == (2.0, 4.0) and cfg.train.phases == "serial:5"
+    assert cfg.data.augment is False and cfg.data.batch_size == PRESETS["digits-resnet-serial"]["data"]["batch_size"]
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("sets,match", [
+    (["optim.lrr=0.1"], "unknown config key 'optim.lrr'. Did you mean 'lr'"),
+    (["optimm.lr=0.1"], "unknown config section 'optimm'. Did you mean 'optim'"),
+    (["optim.lr=fast"], "optim.lr='fast' is not a number"),
+    (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+    (["data.batch_size=0"], "data.batch_size=0 must be > 0"),
+    (["data.batch_size=1.5"], "not an integer"),
+    (["model.depth=21"], "model.depth=21 is not a CIFAR ResNet depth 6n\\+2"),
+    (["model.arch=vgg"], "model.arch='vgg' is not one of resnet, wrn"),
+    (["model.width=4"], "applies to arch=wrn only"),
+    (["train.phases=serial:0"], "epochs >= 1"),
+    (["run.device=gpu"], "run.device='gpu' is not auto, cpu, cuda or cuda:N"),
+    (["optim.schedule=step"], "needs optim.milestones"),
+    (["optim.momentum=0", "optim.nesterov=true"], "nesterov=true needs optim.momentum > 0"),
+    (["data.augment=maybe"], "is not a boolean"),
+    (["noequals"], "section.key=value"),
+])
+def test_bad_values_name_value_and_remedy(sets, match):
+    with pytest.raises(ConfigError, match=match):
+        resolve("digits-resnet-serial", None, sets)
+
+
+def test_unknown_preset_and_missing_file():
+    with pytest.raises(ConfigError, match="unknown preset 'digits-resnet-seriall'. Did you mean"):
+        resolve("digits-resnet-seriall")
+    with pytest.raises(ConfigError, match="does not exist"):
+        resolve(None, "/nonexistent.yaml")
+
+
+@pytest.mark.spawns
+def test_bad_config_exits_nonzero_on_every_rank_before_training():
+    p = run_cli(["train", "--preset", "digits-resnet-serial", "--set", "optim.lrr=0.1"], n=2, timeout=120)
+    assert p.returncode != 0
+    assert "unknown config key 'optim.lrr'" in p.stderr
+    assert "epoch" not in p.stdout
+
+
+@pytest.mark.spawns
+def test_missing_dataset_is_a_clear_error(tmp_path):
+    p = run_cli(["train", "--preset", "digits-resnet-serial", "--set", f"data.path={tmp_path}/nope.h5",
+                 "--set", f"run.out_dir={tmp_path}"], n=2, timeout=120)
+    assert p.returncode != 0
+    assert "does not exist" in p.stderr and "data_prep" in p.stderr
+    assert not list(tmp_path.glob("*.h5")), "no metrics file for a run that never started"

@@ -1,0 +1,80 @@
+import math
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_all
+from hpc_layerpar.config import from_dict, resolve
+from hpc_layerpar.metrics import COLUMNS, MetricsError, MetricsWriter, read_metrics
+from hpc_layerpar.train import run
+
+
+def row(epoch, world):
+    return {name: (np.full(world, epoch + 0.5) if per_rank else ("serial" if dt == "str" else epoch))
+            for name, (dt, per_rank, _) in COLUMNS.items()}
+
+
+def test_writer_roundtrip_and_growth(tmp_path):
+    p = str(tmp_path / "m.h5")
+    w = MetricsWriter(p, config_json='{"run": {"name": "x"}}', world_size=3, attrs={"hostnames": ["a", "b", "c"]})
+    for e in range(4):
+        w.append(row(e, 3))
+        m = read_metrics(p)  # readable after every epoch: a killed job leaves a usable file
+        assert len(m["columns"]["epoch"]) == e + 1
+    assert m["columns"]["compute_seconds"].shape == (4, 3)
+    assert list(m["columns"]["phase"]) == ["serial"] * 4
+    assert m["attrs"]["status"] == "running" and m["attrs"]["hostnames"] == '["a", "b", "c"]'
+
+
+def test_schema_errors(tmp_path):
+    with h5py.File(tmp_path / "x.h5", "w") as f:
+        f["a"] = 1
+    with pytest.raises(MetricsError, match="not an hpc_layerpar metrics file"):
+        read_metrics(str(tmp_path / "x.h5"))
+    p = str(tmp_path / "m.h5")
+    MetricsWriter(p, config_json="{}", world_size=1, attrs={})
+    with h5py.File(p, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(MetricsError, match="schema version 99"):
+        read_metrics(p)
+    (tmp_path / "t.txt").write_text("hello")
+    with pytest.raises(MetricsError, match="not a readable HDF5"):
+        read_metrics(str(tmp_path / "t.txt"))
+
+
+def test_readme_documents_every_column():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    missing = [c for c in COLUMNS if f"`{c}`" not in text]
+    assert not missing, f"README's metrics schema lacks {missing}"
+
+
+@pytest.mark.mpi
+def test_training_run_writes_a_complete_metrics_file(world, tiny_data, tmp_path_factory):
+    out = world.bcast_obj(str(tmp_path_factory.mktemp("runs")) if world.rank == 0 else None)
+    cfg = resolve("digits-resnet-serial", None, [
+        f"data.path={tiny_data}", "data.batch_size=16", "model.depth=8", "train.phases=serial:3",
+        "train.eval_every=2", f"run.out_dir={out}", "run.name=rt", "run.progress=off", "run.threads=1"])
+    s = run(cfg, world, quiet=True)
+    ok, msg = True, ""
+    if world.rank == 0:
+        m = read_metrics(s.metrics_path)
+        c = m["columns"]
+        checks = {
+            "epochs": list(c["epoch"]) == [0, 1, 2],
+            "eval cadence": math.isnan(c["test_acc"][0]) and not math.isnan(c["test_acc"][1])
+            and not math.isnan(c["test_acc"][2]),
+            "final acc": c["test_acc"][2] == s.final_test_acc,
+            "per-rank shape": c["bytes_sent"].shape == (3, world.size),
+            "traffic": bool((c["bytes_sent"] > 0).all()) == (world.size > 1),
+            "config": from_dict(m["config"]) == cfg,
+            "status": m["attrs"]["status"] == "completed",
+            "provenance": all(k in m["attrs"] for k in ("git_sha", "torch_version", "mpi4py_version",
+                                                        "h5py_version", "numpy_version", "mpi_library",
+                                                        "hostnames", "devices", "world_size")),
+        }
+        ok, msg = all(checks.values()), str(checks)
+    ok = world.bcast_obj(ok)
+    msg = world.bcast_obj(msg)
+    assert_all(world, ok, msg)

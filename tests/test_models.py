@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from hpc_layerpar.models import build_model, count_parameters
+
+
+@pytest.mark.parametrize("arch,depth,width,published", [
+    ("resnet", 20, 1, 0.27e6), ("resnet", 56, 1, 0.85e6), ("resnet", 110, 1, 1.7e6),
+    ("wrn", 28, 10, 36.5e6)])
+def test_parameter_counts_match_published(arch, depth, width, published):
+    m = build_model(arch, depth, width, in_channels=3, image_size=32, num_classes=10)
+    # published counts are given to 2-3 significant digits; projections add under 1%
+    assert abs(count_parameters(m) - published) / published < 0.02
+
+
+@pytest.mark.parametrize("c,size,classes", [(1, 8, 10), (1, 28, 10), (3, 32, 100)])
+def test_shapes_for_digits_mnist_cifar(c, size, classes):
+    m = build_model("resnet", 20, in_channels=c, image_size=size, num_classes=classes)
+    assert len(m) == 1 + 9 + 1
+    x = torch.randn(2, c, size, size)
+    for i, el in enumerate(m.elements):
+        assert tuple(x.shape[1:]) == m.shapes[i]
+        x = el(x)
+    assert tuple(x.shape) == (2, classes) and m.shapes[-1] == (classes,)
+    assert m.shapes[-2] == (64, size // 4, size // 4)
+    assert all(cost > 0 for cost in m.costs)
+
+
+def test_slices_compose_to_the_whole_network():
+    m = build_model("wrn", 16, 2, in_channels=3, image_size=32, num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        whole = m(x)
+        mid = m(m(x, 0, 4), 4, None)
+    assert torch.allclose(whole, mid)
+
+
+def test_no_norm_variant_has_no_batchnorm():
+    m = build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4, norm="none")
+    assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
+
+
+def test_bad_depth():
+    with pytest.raises(ValueError, match="6n\\+2"):
+        build_model("resnet", 21, in_channels=3, image_size=32, num_classes=10)

@@ -1,0 +1,45 @@
+import itertools
+
+import pytest
+
+from hpc_layerpar.models import build_model
+from hpc_layerpar.partition import PartitionError, balanced_partition, stage_costs
+
+
+def brute_force_best(costs, k):
+    n = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        b = (0,) + cuts + (n,)
+        worst = max(sum(costs[b[i]:b[i + 1]]) for i in range(k))
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("costs", [[5, 1, 1, 1, 9, 2, 2, 7], [1] * 9, [10, 1, 1, 1, 1, 1, 1, 30],
+                                   [3, 8, 2, 2, 8, 1, 6], [0, 0, 5, 0, 0], [7]])
+def test_optimal_against_brute_force(costs):
+    for k in range(1, len(costs) + 1):
+        ranges = balanced_partition(costs, k)
+        assert len(ranges) == k
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(costs)
+        assert all(a < b for a, b in ranges), "every stage non-empty"
+        assert all(ranges[i][1] == ranges[i + 1][0] for i in range(k - 1)), "contiguous"
+        assert max(stage_costs(costs, ranges)) == brute_force_best(costs, k)
+
+
+def test_resnet_stages_hold_stem_and_head():
+    m = build_model("resnet", 56, in_channels=3, image_size=32, num_classes=10)
+    for k in (2, 3, 4, 8, 29):
+        ranges = balanced_partition(m.costs, k)
+        assert ranges[0][0] == 0 and ranges[-1][1] == len(m)
+    # two equal halves of ResNet-56's 29 elements: the split is close to even in cost
+    sc = stage_costs(m.costs, balanced_partition(m.costs, 2))
+    assert max(sc) / sum(sc) < 0.55
+
+
+def test_too_many_stages_is_a_clear_error():
+    with pytest.raises(PartitionError, match="at most 5 ranks"):
+        balanced_partition([1, 2, 3, 4, 5], 6)
+    with pytest.raises(PartitionError, match=">= 1"):
+        balanced_partition([1, 2], 0)
