@@ -20,10 +20,46 @@ class Counters:
     def reset(self):
         self.bytes_sent = 0
         self.bytes_recv = 0
-        self.comm_seconds = 0.0
+        self.comm_seconds = 0.0   # all time inside MPI calls (posting, waiting, collectives)
+        self.wait_seconds = 0.0   # the part spent blocked on point-to-point messages
 
     def as_tuple(self):
-        return (self.comm_seconds, float(self.bytes_sent), float(self.bytes_recv))
+        return (self.comm_seconds, self.wait_seconds, float(self.bytes_sent), float(self.bytes_recv))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a CPU tensor; bfloat16 travels as raw 16-bit words."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+class Pending:
+    """A posted non-blocking message. wait() completes it (and, for a staged receive, copies the
+    host buffer to the device tensor); the time blocked counts as wait time."""
+
+    def __init__(self, comm: "Comm", req, keep=None, on_done=None):
+        self.comm, self.req, self.keep, self.on_done = comm, req, keep, on_done
+        self.done = False
+
+    def wait(self):
+        if self.done:
+            return
+        t0 = time.perf_counter()
+        self.req.Wait()
+        dt = time.perf_counter() - t0
+        self.comm.counters.wait_seconds += dt
+        self.comm.counters.comm_seconds += dt
+        self._finish()
+
+    def test(self) -> bool:
+        if not self.done and self.req.Test():
+            self._finish()
+        return self.done
+
+    def _finish(self):
+        self.done = True
+        if self.on_done is not None:
+            self.on_done()
+        self.keep = self.on_done = None
 
 
 class Comm:
@@ -53,18 +89,58 @@ class Comm:
         return cls(MPI.COMM_SELF, **kw)
 
     # ---- buffers -------------------------------------------------------------------------
-    def _host(self, t: torch.Tensor, key) -> tuple[np.ndarray, torch.Tensor | None]:
-        """A numpy view of `t`'s memory (CPU) or of a cached pinned host copy (CUDA)."""
-        if t.device.type == "cpu" or self.cuda_aware:
-            if t.device.type != "cpu":  # CUDA-aware path: hand the device buffer to MPI directly
-                return t, None
-            return t.numpy(), None
+    def _host(self, t: torch.Tensor, key, copy_in: bool = True):
+        """(buffer for MPI, staging tensor or None): a numpy view of `t` (CPU), the device tensor
+        itself (CUDA-aware MPI), or a cached pinned host copy (CUDA without CUDA-aware MPI)."""
+        if t.device.type == "cpu":
+            return _numpy(t), None
+        if self.cuda_aware:
+            return t, None
         buf = self._staging.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
             self._staging[key] = buf
-        buf.copy_(t)
-        return buf.numpy(), buf
+        if copy_in:
+            buf.copy_(t)
+        return _numpy(buf), buf
+
+    # ---- point to point ------------------------------------------------------------------
+    def isend(self, t: torch.Tensor, dest: int, tag: int, key) -> Pending:
+        """Non-blocking send of a contiguous tensor. The caller must not modify `t` (or reuse the
+        staging `key`) before the returned Pending completes."""
+        assert t.is_contiguous()
+        t0 = time.perf_counter()
+        arr, staged = self._host(t, ("send", key))
+        req = self.mpi.Isend(arr, dest=dest, tag=tag)
+        self.counters.comm_seconds += time.perf_counter() - t0
+        if dest != MPI.PROC_NULL:
+            self.counters.bytes_sent += t.numel() * t.element_size()
+        return Pending(self, req, keep=(t, arr, staged))
+
+    def irecv(self, t: torch.Tensor, source: int, tag: int, key) -> Pending:
+        """Non-blocking receive into a contiguous tensor (valid after wait())."""
+        assert t.is_contiguous()
+        t0 = time.perf_counter()
+        arr, staged = self._host(t, ("recv", key), copy_in=False)
+        req = self.mpi.Irecv(arr, source=source, tag=tag)
+        self.counters.comm_seconds += time.perf_counter() - t0
+        if source != MPI.PROC_NULL:
+            self.counters.bytes_recv += t.numel() * t.element_size()
+        on_done = (lambda: t.copy_(staged)) if staged is not None else None
+        return Pending(self, req, keep=(t, arr), on_done=on_done)
+
+    def neighbours(self) -> tuple[int, int]:
+        """(previous, next) rank in the chain; PROC_NULL at the ends (messages to it are no-ops)."""
+        prev = self.rank - 1 if self.rank > 0 else MPI.PROC_NULL
+        nxt = self.rank + 1 if self.rank < self.size - 1 else MPI.PROC_NULL
+        return prev, nxt
+
+    def split(self, color: int, key: int) -> "Comm":
+        part = self.mpi.Split(color, key)
+        try:
+            return Comm(part, cuda_aware=self.cuda_aware)
+        finally:
+            part.Free()
 
     # ---- collectives ---------------------------------------------------------------------
     def allreduce_(self, t: torch.Tensor, key="allreduce") -> torch.Tensor:

@@ -55,6 +55,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    beta: float = 1.0           # penalty weight beta_0 (AL: the fixed beta); 1/step size in activation space
+    beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)
+    beta_max: float = 1.0e4
+    eta: float = 1.0            # relaxation of the auxiliary update, in (0, 1]
+    ds: int = 1                 # DS filter factor s in {1, 2, 4}: messages and storage / s^2
+    window: int = 4             # batches of messages posted ahead
+    message_dtype: str = "float32"   # float32 | bfloat16 (on the wire)
+    aux_dtype: str = "float32"       # float32 | bfloat16 (storage of a_k and m_k)
+    aux_location: str = "device"     # device | host (pinned when the device is a GPU)
+    bn_batches: int = 20        # training batches used to re-estimate BatchNorm statistics
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str = ""              # empty: the preset name, or "run"
     out_dir: str = "runs"
@@ -75,6 +89,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run: RunConfig = field(default_factory=RunConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
@@ -85,34 +100,42 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-# Presets are overrides on the defaults; names read dataset-architecture-method.
-PRESETS: dict[str, dict] = {
-    "digits-resnet-serial": {
-        "data": {"path": "data/digits.h5", "batch_size": 64, "eval_batch_size": 512},
-        "model": {"arch": "resnet", "depth": 20},
-        "optim": {"lr": 0.05, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 1},
-        "train": {"phases": "serial:30"},
-    },
-    "mnist-resnet20-serial": {
-        "data": {"path": "data/mnist.h5", "batch_size": 128},
-        "model": {"arch": "resnet", "depth": 20},
-        "optim": {"lr": 0.1, "schedule": "cosine", "warmup_epochs": 1},
-        "train": {"phases": "serial:20"},
-    },
-    "cifar10-resnet56-serial": {
-        "data": {"path": "data/cifar10.h5", "batch_size": 128},
-        "model": {"arch": "resnet", "depth": 56},
-        "optim": {"lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": 2},
-        "train": {"phases": "serial:160"},
-    },
-    "cifar100-wrn28-10-serial": {
-        "data": {"path": "data/cifar100.h5", "batch_size": 128},
-        "model": {"arch": "wrn", "depth": 28, "width": 10},
-        "optim": {"lr": 0.1, "weight_decay": 5e-4, "schedule": "step",
-                  "milestones": [60, 120, 160], "gamma": 0.2},
-        "train": {"phases": "serial:200"},
-    },
+# Presets are overrides on the defaults; names read dataset-architecture-method[-ds2].
+_DATASETS = {
+    "digits": {"data": {"path": "data/digits.h5", "batch_size": 64, "eval_batch_size": 512},
+               "optim": {"lr": 0.05, "warmup_epochs": 1}, "epochs": 30},
+    "mnist": {"data": {"path": "data/mnist.h5", "batch_size": 128},
+              "optim": {"lr": 0.1, "warmup_epochs": 1}, "epochs": 20},
+    "cifar10": {"data": {"path": "data/cifar10.h5", "batch_size": 128},
+                "optim": {"lr": 0.1, "warmup_epochs": 2}, "epochs": 160},
+    "cifar100": {"data": {"path": "data/cifar100.h5", "batch_size": 128},
+                 "optim": {"lr": 0.1, "warmup_epochs": 2}, "epochs": 200},
 }
+_MODELS = {"resnet": {"arch": "resnet", "depth": 20}, "resnet56": {"arch": "resnet", "depth": 56},
+           "wrn28-10": {"arch": "wrn", "depth": 28, "width": 10}}
+_PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("cifar10", "resnet56"), ("cifar10", "wrn28-10"),
+          ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
+# SPH: 4 parallel epochs then 1 serial correction epoch, repeated (80% of the epochs parallel).
+_PARALLEL = {"penalty": {"beta": 1.0, "beta_growth": 1.0}, "al": {"beta": 1.0}}
+
+
+def _make_presets() -> dict:
+    out = {}
+    for ds, mname in _PAIRS:
+        d, m = _DATASETS[ds], _MODELS[mname]
+        epochs = d["epochs"]
+        base = {"data": dict(d["data"]), "model": dict(m),
+                "optim": {"weight_decay": 5e-4, "schedule": "cosine", **d["optim"]}}
+        out[f"{ds}-{mname}-serial"] = {**base, "train": {"phases": f"serial:{epochs}"}}
+        for method, par in _PARALLEL.items():
+            for s in (1, 2):
+                name = f"{ds}-{mname}-{method}" + ("-ds2" if s == 2 else "")
+                out[name] = {**base, "train": {"phases": f"({method}:4,serial:1)x{epochs // 5}"},
+                             "parallel": {**par, "ds": s}}
+    return out
+
+
+PRESETS: dict[str, dict] = _make_presets()
 
 
 def _suggest(word: str, choices) -> str:
@@ -249,7 +272,8 @@ def from_dict(tree: dict) -> Config:
 
 def _choice(key, value, choices):
     if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}.{_suggest(str(value), choices)}")
+        names = [str(c) for c in choices]
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(names)}.{_suggest(str(value), names)}")
 
 
 def _positive(key, value, strict=True):
@@ -306,6 +330,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
     _positive("run.threads", r.threads, strict=False)
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
+    pc = cfg.parallel
+    _positive("parallel.beta", pc.beta)
+    if pc.beta_growth < 1:
+        raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
+    if pc.beta_max < pc.beta:
+        raise ConfigError(f"parallel.beta_max={pc.beta_max} must be >= parallel.beta={pc.beta}.")
+    if not 0 < pc.eta <= 1:
+        raise ConfigError(f"parallel.eta={pc.eta} must lie in (0, 1]; 1 is the plain prox-linear step.")
+    _choice("parallel.ds", pc.ds, (1, 2, 4))
+    _positive("parallel.window", pc.window)
+    _choice("parallel.message_dtype", pc.message_dtype, ("float32", "bfloat16"))
+    _choice("parallel.aux_dtype", pc.aux_dtype, ("float32", "bfloat16"))
+    _choice("parallel.aux_location", pc.aux_location, ("device", "host"))
+    _positive("parallel.bn_batches", pc.bn_batches)
     if cfg.debug.fail_epoch < 0 or cfg.debug.fail_rank < -1:
         raise ConfigError("debug.fail_rank must be >= -1 and debug.fail_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):
@@ -317,7 +355,9 @@ def describe_presets() -> str:
     lines = []
     for name in sorted(PRESETS):
         p = PRESETS[name]
+        ds = p.get("parallel", {}).get("ds", 1)
         lines.append(f"{name:32s} {p['model']['arch']}-{p['model']['depth']}"
                      f"{'-' + str(p['model'].get('width')) if p['model'].get('width') else ''}"
-                     f"  data={p['data']['path']}  phases={p['train']['phases']}")
+                     f"  data={p['data']['path']}  phases={p['train']['phases']}"
+                     + (f"  ds={ds}" if "parallel" in p else ""))
     return "\n".join(lines)

@@ -17,12 +17,17 @@ def _cpu_generator(*parts: int) -> torch.Generator:
 
 
 # Streams keep the random draws of unrelated uses apart for the same (seed, epoch).
-STREAM_PERMUTATION, STREAM_AUGMENT = 1, 2
+STREAM_PERMUTATION, STREAM_AUGMENT, STREAM_CALIBRATION = 1, 2, 3
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of an epoch; every rank computes it alike, no communication."""
     return torch.randperm(n, generator=_cpu_generator(seed, epoch, STREAM_PERMUTATION))
+
+
+def calibration_order(n: int, seed: int) -> torch.Tensor:
+    """The fixed sample order used to re-estimate BatchNorm statistics."""
+    return torch.randperm(n, generator=_cpu_generator(seed, 0, STREAM_CALIBRATION))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 
 SCHEMA = "hpc_layerpar-metrics"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # name -> (dtype, per_rank, unit / meaning). Per-rank columns have shape (epochs, world_size).
 COLUMNS = {
@@ -26,12 +26,19 @@ COLUMNS = {
     "train_acc": ("f8", False, "training accuracy over the epoch's samples, in [0, 1]"),
     "test_loss": ("f8", False, "test loss of the true network; NaN when not evaluated this epoch"),
     "test_acc": ("f8", False, "test accuracy of the true network in [0, 1]; NaN when not evaluated"),
+    "beta": ("f8", False, "penalty / AL weight of a parallel epoch; NaN in serial epochs"),
     "epoch_seconds": ("f8", False, "wall time of the training epoch (max over ranks), no evaluation"),
+    "switch_seconds": ("f8", False, "phase-switch work before the epoch: forward sweep, stage sharing"),
     "eval_seconds": ("f8", False, "wall time of the evaluation after the epoch (0 when none)"),
-    "compute_seconds": ("f8", True, "per rank: seconds in forward, backward and optimizer steps"),
-    "comm_seconds": ("f8", True, "per rank: seconds inside MPI calls"),
-    "bytes_sent": ("f8", True, "per rank: bytes sent (collectives counted as a ring would move them)"),
-    "bytes_recv": ("f8", True, "per rank: bytes received (same convention)"),
+    "compute_seconds": ("f8", True, "per rank: seconds of the epoch outside MPI calls"),
+    "comm_seconds": ("f8", True, "per rank: seconds inside MPI calls (posting, waiting, collectives)"),
+    "wait_seconds": ("f8", True, "per rank: seconds blocked waiting for point-to-point messages"),
+    "bytes_sent": ("f8", True, "per rank: bytes sent in the epoch (collectives as a ring moves them)"),
+    "bytes_recv": ("f8", True, "per rank: bytes received in the epoch (same convention)"),
+    "switch_bytes_sent": ("f8", True, "per rank: bytes sent by the phase-switch work before the epoch"),
+    "local_loss": ("f8", True, "per rank: mean local objective of a parallel epoch (penalty or CE)"),
+    "residual": ("f8", True, "per rank k: mean per-sample ||D(Phi_{k-1}) - a_k|| at boundary k"),
+    "multiplier_norm": ("f8", True, "per rank k: mean per-sample ||m_k|| after the AL update"),
 }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-METHODS = ("serial",)  # the layer-parallel methods join in the engine issue
+METHODS = ("serial", "penalty", "al")
+PARALLEL = ("penalty", "al")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,16 @@ def phase_of_epoch(phases: list[Phase], epoch: int) -> tuple[int, Phase]:
             return i, p
         start += p.epochs
     raise IndexError(f"epoch {epoch} lies beyond the schedule of {start} epochs")
+
+
+def parallel_epochs_before(phases: list[Phase], epoch: int) -> int:
+    """How many epochs of parallel phases come before global epoch `epoch` (drives beta growth)."""
+    count, start = 0, 0
+    for p in phases:
+        if p.method in PARALLEL:
+            count += max(0, min(epoch, start + p.epochs) - start)
+        start += p.epochs
+    return count
 
 
 def total_epochs(phases: list[Phase]) -> int:

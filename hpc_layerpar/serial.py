@@ -131,5 +131,10 @@ class SerialEngine:
 
 
 def make_optimizer(model, ocfg) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=ocfg.lr, momentum=ocfg.momentum,
-                           nesterov=ocfg.nesterov, weight_decay=ocfg.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=ocfg.lr, momentum=ocfg.momentum,
+                          nesterov=ocfg.nesterov, weight_decay=ocfg.weight_decay)
+    # Zero momentum buffers behave exactly like absent ones (buf = 0.9 * 0 + g on the first step),
+    # and having them everywhere lets a phase switch ship every stage's optimizer state as is.
+    for p in model.parameters():
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    return opt

@@ -15,9 +15,13 @@ from .config import Config, ConfigError
 from .data import DeviceDataset, make_augment
 from .dataformat import DataError
 from .models import count_parameters, model_from_config
-from .schedule import lr_at, parse_phases, phase_of_epoch, total_epochs
+from .auxstore import DTYPES
+from .filters import DSFilter, check_boundaries
+from .parallel import ParallelEngine, beta_for_epoch
+from .partition import PartitionError, balanced_partition, stage_costs
+from .schedule import PARALLEL, lr_at, parallel_epochs_before, parse_phases, phase_of_epoch, total_epochs
 from .serial import SerialEngine, make_optimizer
-from .sweep import evaluate
+from .sweep import evaluate, forward_sweep, recalibrate_bn, share_stages
 
 
 def resolve_device(spec: str, local_rank: int) -> torch.device:
@@ -111,6 +115,30 @@ class Summary:
     epochs: int
 
 
+def stage_ranges(model, k: int, ds: int) -> list:
+    """The balanced contiguous split for k ranks, checked against the DS factor (ConfigError)."""
+    try:
+        ranges = balanced_partition(model.costs, k)
+    except PartitionError as exc:
+        raise ConfigError(f"{exc}. The parallel phases put one stage on each rank.") from None
+    try:
+        check_boundaries(ds, [model.shapes[a] for a, _ in ranges[1:]])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return ranges
+
+
+def aux_bytes(model, ranges, n_train: int, pcfg, with_multipliers: bool) -> list:
+    """Bytes of auxiliary storage per rank (rank 0 owns no boundary)."""
+    filt = DSFilter(pcfg.ds)
+    size = DTYPES[pcfg.aux_dtype].itemsize
+    out = [0]
+    for a, _ in ranges[1:]:
+        c, h, w = filt.coarse_shape(model.shapes[a])
+        out.append(n_train * c * h * w * size * (2 if with_multipliers else 1))
+    return out
+
+
 def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
     if comm is None:
         comm = Comm.world()
@@ -120,25 +148,29 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
             comm.free()
     t_start = time.perf_counter()
     progress = Progress(cfg.run.progress, enabled=(comm.rank == 0) and not quiet)
+    phases = parse_phases(cfg.train.phases)
+    n_epochs = total_epochs(phases)
+    methods = {p.method for p in phases}
+    any_parallel = bool(methods & set(PARALLEL))
 
     def setup():
         device = resolve_device(cfg.run.device, comm.local_rank)
         threads = set_threads(cfg.run.threads, comm.local_size)
         data = DeviceDataset(cfg.data.path, device)
         check_fit(cfg, data, comm)
-        return device, threads, data
+        c, h, _ = data.shape
+        model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
+                                  seed=cfg.train.seed).to(device)
+        ranges = stage_ranges(model, comm.size, cfg.parallel.ds) if any_parallel else None
+        return device, threads, data, model, ranges
 
-    device, threads, data = agree(comm, setup)
-    phases = parse_phases(cfg.train.phases)
-    n_epochs = total_epochs(phases)
+    device, threads, data, model, ranges = agree(comm, setup)
     c, h, _ = data.shape
-    model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
-                              seed=cfg.train.seed).to(device)
     opt = make_optimizer(model, cfg.optim)
     augment = make_augment(cfg.data, data, cfg.train.seed)
-    engine = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
+    serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
                           drop_last=cfg.data.drop_last, seed=cfg.train.seed)
-    o = cfg.optim
+    o, pc = cfg.optim, cfg.parallel
 
     def lr_fn(t):
         return lr_at(t, base=o.lr, total=n_epochs, schedule=o.schedule, warmup=o.warmup_epochs,
@@ -151,12 +183,17 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
     path = None
     if comm.rank == 0:
         path = M.unique_path(cfg.run.out_dir, cfg.run.name)
+        extra = {}
+        if ranges is not None:
+            extra = {"stage_ranges": [list(r) for r in ranges],
+                     "stage_costs": stage_costs(model.costs, ranges),
+                     "aux_bytes": aux_bytes(model, ranges, data.n_train, pc, "al" in methods)}
         attrs = M.provenance({
             "mpi_library": library_version(), "hostnames": hosts, "devices": devices,
             "threads_per_rank": threads, "model": model.name, "num_parameters": count_parameters(model),
             "dataset": data.name, "dataset_path": os.path.abspath(cfg.data.path),
             "n_train": data.n_train, "n_test": data.n_test, "phases": cfg.train.phases,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), **extra,
         })
         writer = M.MetricsWriter(path, config_json=cfg.to_json(), world_size=comm.size, attrs=attrs)
     path = comm.bcast_obj(path)
@@ -164,41 +201,78 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
                  f"{data.name} ({data.n_train} train / {data.n_test} test, {c}x{h}x{h}), "
                  f"{comm.size} rank(s), device {device}, {threads} thread(s)/rank, "
                  f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
+    if ranges is not None:
+        progress.log(f"stages (elements [start, end) per rank): {ranges}; DS factor {pc.ds}; "
+                     f"auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_bytes(model, ranges, data.n_train, pc, 'al' in methods)]} MiB")
     progress.log(f"metrics file: {path}")
 
-    best = final = float("nan")
+    nan = float("nan")
+    best = final = nan
+    par = None
+    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
     for epoch in range(n_epochs):
         pidx, phase = phase_of_epoch(phases, epoch)
         comm.counters.reset()
         comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
         if epoch == cfg.debug.fail_epoch and comm.rank == cfg.debug.fail_rank:
             raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank)")
+        t_sw = time.perf_counter()
+        if epoch == starts[pidx]:
+            previous = phases[pidx - 1].method if pidx > 0 else None
+            if phase.method == "serial":
+                par = None  # frees the auxiliary variables
+                if previous in PARALLEL:
+                    share_stages(model, ranges, comm, opt)  # every rank gets the whole network
+            else:
+                par = None
+                par = ParallelEngine(model, opt, comm, data, ranges, pc, method=phase.method,
+                                     batch_size=cfg.data.batch_size, drop_last=cfg.data.drop_last,
+                                     seed=cfg.train.seed)
+                forward_sweep(model, ranges, comm, data, par.store, par.filter, cfg.data.batch_size)
+        switch_s = time.perf_counter() - t_sw
+        switch_bytes = comm.counters.bytes_sent
+        comm.counters.reset()
         t0 = time.perf_counter()
-        stats = engine.train_epoch(epoch, lr_fn, on_step=lambda s, n, loss: progress.step(
-            epoch, n_epochs, s, n, loss))
+        beta = nan
+        if phase.method == "serial":
+            st = serial.train_epoch(epoch, lr_fn, on_step=lambda s_, n_, loss: progress.step(
+                epoch, n_epochs, s_, n_, loss))
+            local = (nan, nan, nan)
+            train_loss, train_acc = st.train_loss, st.train_acc
+        else:
+            beta = beta_for_epoch(pc, phase.method, parallel_epochs_before(phases, epoch))
+            st = par.train_epoch(epoch, lr_fn, beta)
+            local = (st.local_loss, st.residual, st.multiplier_norm)
+            train_loss, train_acc = st.train_loss, st.train_acc
         epoch_s = time.perf_counter() - t0
         counters = comm.counters.as_tuple()
-        test_loss = test_acc = float("nan")
+        test_loss = test_acc = nan
         eval_s = 0.0
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch == n_epochs - 1:
             t1 = time.perf_counter()
+            if phase.method != "serial":
+                # The true network G: gather the stages, re-estimate BatchNorm, then evaluate.
+                share_stages(model, ranges, comm)
+                recalibrate_bn(model, data, comm, pc.bn_batches, cfg.data.batch_size, cfg.train.seed)
             test_loss, test_acc = evaluate(model, data, comm, cfg.data.eval_batch_size)
             eval_s = time.perf_counter() - t1
             final = test_acc
             best = test_acc if math.isnan(best) else max(best, test_acc)
-        per_rank = comm.gather_obj((stats.compute_seconds, *counters, epoch_s))
+        per_rank = comm.gather_obj((st.compute_seconds, *counters, epoch_s, switch_bytes,
+                                    *local, train_loss, train_acc))
         if comm.rank == 0:
             cols = list(zip(*per_rank))
+            if phase.method != "serial":  # the relaxed network's CE lives on the last rank
+                train_loss, train_acc = cols[-2][-1], cols[-1][-1]
             row = {"epoch": epoch, "phase": phase.method, "phase_index": pidx, "lr": lr_fn(epoch),
-                   "train_loss": stats.train_loss, "train_acc": stats.train_acc,
-                   "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": max(cols[4]),
-                   "eval_seconds": eval_s, "compute_seconds": cols[0], "comm_seconds": cols[1],
-                   "bytes_sent": cols[2], "bytes_recv": cols[3]}
+                   "beta": beta, "train_loss": train_loss, "train_acc": train_acc,
+                   "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": max(cols[5]),
+                   "switch_seconds": switch_s, "eval_seconds": eval_s, "compute_seconds": cols[0],
+                   "comm_seconds": cols[1], "wait_seconds": cols[2], "bytes_sent": cols[3],
+                   "bytes_recv": cols[4], "switch_bytes_sent": cols[6], "local_loss": cols[7],
+                   "residual": cols[8], "multiplier_norm": cols[9]}
             writer.append(row)
-            acc = "" if math.isnan(test_acc) else f" test_loss {test_loss:.4f} test_acc {100 * test_acc:6.2f}%"
-            progress.log(f"epoch {epoch + 1:4d}/{n_epochs} {phase.method:7s} lr {row['lr']:.4f} "
-                         f"train_loss {stats.train_loss:.4f} train_acc {100 * stats.train_acc:6.2f}%{acc} "
-                         f"time {max(cols[4]):.2f}s (compute {max(cols[0]):.2f}s, comm {max(cols[1]):.2f}s)")
+            progress.log(_epoch_line(row, n_epochs))
     wall = time.perf_counter() - t_start
     if comm.rank == 0:
         writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=final,
@@ -207,3 +281,18 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
                      f"(best {100 * best:.2f}%); metrics written to {path}")
     return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best, wall_seconds=wall,
                    epochs=n_epochs)
+
+
+def _epoch_line(row: dict, n_epochs: int) -> str:
+    acc = "" if math.isnan(row["test_acc"]) else \
+        f" test_loss {row['test_loss']:.4f} test_acc {100 * row['test_acc']:6.2f}%"
+    par = ""
+    if row["phase"] != "serial":
+        res = [r for r in row["residual"] if not math.isnan(r)]
+        par = (f" beta {row['beta']:.3g} residual {sum(res) / max(len(res), 1):.3g}"
+               f" wait {max(row['wait_seconds']):.2f}s")
+    sw = f" switch {row['switch_seconds']:.2f}s" if row["switch_seconds"] > 0.005 else ""
+    return (f"epoch {row['epoch'] + 1:4d}/{n_epochs} {row['phase']:7s} lr {row['lr']:.4f} "
+            f"train_loss {row['train_loss']:.4f} train_acc {100 * row['train_acc']:6.2f}%{acc}{par} "
+            f"time {row['epoch_seconds']:.2f}s (compute {max(row['compute_seconds']):.2f}s, "
+            f"comm {max(row['comm_seconds']):.2f}s){sw}")

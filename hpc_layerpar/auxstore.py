@@ -1,0 +1,58 @@
+"""Per-sample auxiliary variables a_k (and AL multipliers m_k) of the boundary a rank owns, and the
+prox-linear update rules of ALGORITHM.md s.4; no MPI."""
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def penalty_update(a, z, p, beta: float, eta: float):
+    """A <- (1-eta) A + eta (z - p/beta)."""
+    return (1.0 - eta) * a + eta * (z - p / beta)
+
+
+def al_update(a, m, z, p, beta: float, eta: float):
+    """A <- (1-eta) A + eta (z + (M - p)/beta), then M <- M + beta (z - A_new)."""
+    a_new = (1.0 - eta) * a + eta * (z + (m - p) / beta)
+    return a_new, m + beta * (z - a_new)
+
+
+class AuxStore:
+    """A (N, *coarse_shape) table on the compute device, or in (pinned) host memory, in float32 or
+    bfloat16; rows are gathered and scattered by training-sample id. Arithmetic is float32."""
+
+    def __init__(self, n: int, shape: tuple, *, dtype: str, device: torch.device, location: str,
+                 multipliers: bool):
+        self.shape, self.dtype = tuple(shape), DTYPES[dtype]
+        self.device = device
+        if location == "device":
+            self.home, pin = device, False
+        else:  # host: keeps accelerator memory free; pinned so copies to the GPU are asynchronous
+            self.home, pin = torch.device("cpu"), device.type == "cuda"
+        self.a = torch.zeros((n,) + self.shape, dtype=self.dtype, device=self.home, pin_memory=pin)
+        self.m = (torch.zeros_like(self.a, pin_memory=pin) if pin else torch.zeros_like(self.a)) \
+            if multipliers else None
+
+    @property
+    def nbytes(self) -> int:
+        one = self.a.numel() * self.a.element_size()
+        return one * (2 if self.m is not None else 1)
+
+    def _idx(self, idx):
+        return idx.to(self.home)
+
+    def gather(self, idx, which="a") -> torch.Tensor:
+        t = self.a if which == "a" else self.m
+        return t[self._idx(idx)].to(self.device, torch.float32, non_blocking=True)
+
+    def scatter(self, idx, values, which="a") -> None:
+        t = self.a if which == "a" else self.m
+        t[self._idx(idx)] = values.to(self.home, self.dtype)
+
+    def set_rows(self, lo: int, hi: int, values) -> None:
+        self.a[lo:hi] = values.to(self.home, self.dtype)
+
+    def reset_multipliers(self) -> None:
+        if self.m is not None:
+            self.m.zero_()

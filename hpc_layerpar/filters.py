@@ -1,0 +1,41 @@
+"""The DS filter pair: D = s x s average pooling (stride s), U = nearest upsampling by s; D U = I."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FACTORS = (1, 2, 4)
+
+
+class DSFilter:
+    def __init__(self, s: int):
+        if s not in FACTORS:
+            raise ValueError(f"DS factor must be one of {FACTORS}, got {s}")
+        self.s = s
+
+    def coarse_shape(self, shape: tuple) -> tuple:
+        c, h, w = shape
+        return (c, h // self.s, w // self.s)
+
+    def down(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.s == 1 else F.avg_pool2d(x, self.s, stride=self.s)
+
+    def up(self, a: torch.Tensor) -> torch.Tensor:
+        if self.s == 1:
+            return a
+        return a.repeat_interleave(self.s, dim=2).repeat_interleave(self.s, dim=3)
+
+
+def check_boundaries(s: int, boundary_shapes: list) -> None:
+    """s must divide H and W at every boundary; the message says which boundary fails and what to do.
+    Raises ValueError (train.py turns it into a ConfigError on every rank)."""
+    if s not in FACTORS:
+        raise ValueError(f"parallel.ds={s} is not one of {', '.join(map(str, FACTORS))}.")
+    for k, shape in enumerate(boundary_shapes, start=1):
+        c, h, w = shape
+        if h % s or w % s:
+            ok = [f for f in FACTORS if all(sh[1] % f == 0 and sh[2] % f == 0 for sh in boundary_shapes)]
+            raise ValueError(
+                f"parallel.ds={s} does not divide the {h}x{w} activations at boundary {k} (input of stage "
+                f"{k}, shape {c}x{h}x{w}). Use parallel.ds in {ok}, or fewer ranks so that no stage starts "
+                "at that resolution.")

@@ -1,0 +1,233 @@
+"""The parallel phase (penalty / augmented Lagrangian), one epoch per call: the only place where
+stage math meets point-to-point messages (ALGORITHM.md s.4).
+
+Rank k owns stage k. Per batch j it sends D(u) to rank k+1 and the targets of batch j+W to rank
+k-1, and receives the targets of batch j from k+1 and D(u_{k-1}) of batch j from k-1; all of it
+posted W batches ahead. Targets only ever hold values of earlier epochs (a sample is in one batch
+per epoch, and its auxiliary variable is updated after its targets went out), so the result does
+not depend on timing: it equals the single-process simulation in tests/simulate.py."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .auxstore import DTYPES, AuxStore, al_update, penalty_update
+from .data import epoch_batches
+from .filters import DSFilter
+from .serial import sync_device
+
+PARALLEL_METHODS = ("penalty", "al")
+
+
+@dataclass
+class ParallelStats:
+    local_loss: float       # this rank's local objective, mean over the epoch's samples
+    train_loss: float       # CE of the last stage (NaN on other ranks)
+    train_acc: float        # accuracy of the last stage on auxiliary inputs (NaN elsewhere)
+    residual: float         # mean ||D(Phi_{k-1}(in_{k-1})) - a_k|| per sample (NaN on rank 0)
+    multiplier_norm: float  # mean ||m_k|| per sample after the update (AL; NaN otherwise)
+    steps: int
+    samples: int
+    compute_seconds: float
+
+
+def stage_params(model, start, end):
+    return [p for el in model.elements[start:end] for p in el.parameters()]
+
+
+class ParallelEngine:
+    """One parallel phase on one rank of the pipeline communicator `comm` (size K = stages)."""
+
+    def __init__(self, model, optimizer, comm, data, ranges, pcfg, *, method: str, batch_size: int,
+                 drop_last: bool, seed: int):
+        if method not in PARALLEL_METHODS:
+            raise ValueError(f"unknown parallel method {method!r}")
+        if len(ranges) != comm.size:
+            raise ValueError(f"{len(ranges)} stages for {comm.size} ranks")
+        self.model, self.opt, self.comm, self.data = model, optimizer, comm, data
+        self.method, self.batch_size, self.drop_last, self.seed = method, batch_size, drop_last, seed
+        self.k, self.K = comm.rank, comm.size
+        self.start, self.end = ranges[self.k]
+        self.first, self.last = self.k == 0, self.k == self.K - 1
+        self.prev, self.next = comm.neighbours()
+        self.filter = DSFilter(pcfg.ds)
+        self.window = pcfg.window
+        self.eta = pcfg.eta
+        self.msg_dtype = DTYPES[pcfg.message_dtype]
+        self.device = data.device
+        self.in_shape = model.shapes[self.start]
+        self.out_shape = None if self.last else model.shapes[self.end]
+        self.store = None
+        if not self.first:
+            self.store = AuxStore(data.n_train, self.filter.coarse_shape(self.in_shape),
+                                  dtype=pcfg.aux_dtype, device=self.device, location=pcfg.aux_location,
+                                  multipliers=(method == "al"))
+        self.params = stage_params(model, self.start, self.end)
+        self.owned = {id(p) for p in self.params}
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _slots(self, shape):
+        return [torch.empty((self.batch_size,) + tuple(shape), dtype=self.msg_dtype, device=self.device)
+                for _ in range(self.window)]
+
+    def targets_for(self, idx, beta: float) -> torch.Tensor:
+        """What rank k-1 aims D(u) at: a_k (penalty) or a_k - m_k/beta (AL, completed square)."""
+        t = self.store.gather(idx)
+        if self.method == "al":
+            t = t - self.store.gather(idx, "m") / beta
+        return t
+
+    def boundary_numel(self, which: str) -> int:
+        shape = self.in_shape if which == "in" else self.out_shape
+        c, h, w = self.filter.coarse_shape(shape)
+        return c * h * w
+
+    # ---- one epoch -----------------------------------------------------------------------
+    def train_epoch(self, epoch: int, lr_fn, beta: float) -> ParallelStats:
+        model, comm, W = self.model, self.comm, self.window
+        model.train()
+        for p in model.parameters():  # only this stage's parameters get gradients and steps
+            p.grad = None
+        batches = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
+        nb = len(batches)
+        t_epoch = time.perf_counter()
+        comm_before = comm.counters.comm_seconds
+
+        tgt_buf = self._slots(self.filter.coarse_shape(self.out_shape)) if not self.last else None
+        zsend_buf = self._slots(self.filter.coarse_shape(self.out_shape)) if not self.last else None
+        zrecv_buf = self._slots(self.store.shape) if not self.first else None
+        tsend_buf = self._slots(self.store.shape) if not self.first else None
+        tgt_req, zsend_req, zrecv_req, tsend_req = ([None] * W for _ in range(4))
+        pending = [None] * W  # per slot: (batch j, idx, a_old, p) awaiting D(u_{k-1}) of batch j
+        sums = {"local": 0.0, "ce": 0.0, "correct": 0.0, "res": 0.0, "mult": 0.0, "n": 0, "nupd": 0}
+
+        def post_target_recv(j):
+            s, n = j % W, len(batches[j])
+            tgt_req[s] = comm.irecv(tgt_buf[s][:n], self.next, tag=j, key=("tgt", s))
+
+        def post_z_recv(j):
+            s, n = j % W, len(batches[j])
+            zrecv_req[s] = comm.irecv(zrecv_buf[s][:n], self.prev, tag=j, key=("z", s))
+
+        def send_targets(j):
+            s, n = j % W, len(batches[j])
+            if tsend_req[s] is not None:
+                tsend_req[s].wait()
+            tsend_buf[s][:n].copy_(self.targets_for(batches[j], beta))
+            tsend_req[s] = comm.isend(tsend_buf[s][:n], self.prev, tag=j, key=("tsend", s))
+
+        def complete_update(s):
+            j, idx, a_old, p = pending[s]
+            zrecv_req[s].wait()
+            z = zrecv_buf[s][:len(idx)].to(torch.float32, copy=True)
+            if self.method == "penalty":
+                a_new = penalty_update(a_old, z, p, beta, self.eta)
+            else:
+                a_new, m_new = al_update(a_old, self.store.gather(idx, "m"), z, p, beta, self.eta)
+                self.store.scatter(idx, m_new, "m")
+                sums["mult"] += float(m_new.flatten(1).norm(dim=1).sum())
+            self.store.scatter(idx, a_new)
+            sums["res"] += float((z - a_old).flatten(1).norm(dim=1).sum())
+            sums["nupd"] += len(idx)
+            pending[s] = None
+            if j + W < nb:
+                post_z_recv(j + W)
+
+        for j in range(min(W, nb)):
+            if not self.last:
+                post_target_recv(j)
+            if not self.first:
+                post_z_recv(j)
+                send_targets(j)
+
+        for j, idx in enumerate(batches):
+            s, n = j % W, len(idx)
+            lr = lr_fn(epoch + j / nb)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            if not self.first and pending[s] is not None:
+                complete_update(s)  # frees the slot for batch j (at most W batches in flight)
+            if self.first:
+                x = self.data.train_batch(idx)[0]  # no augmentation: a_k[i] is tied to sample i
+                a = None
+            else:
+                a = self.store.gather(idx).requires_grad_(True)
+                x = self.filter.up(a)
+            target = None
+            if not self.last:
+                tgt_req[s].wait()
+                # A real copy (.float() of a float32 tensor would alias): the slot is re-posted now.
+                target = tgt_buf[s][:n].to(torch.float32, copy=True)
+                if j + W < nb:
+                    post_target_recv(j + W)
+            u = model(x, self.start, self.end)
+            if self.last:
+                y = self.data.train_y[idx.to(self.device)]
+                loss = F.cross_entropy(u, y)
+                sums["ce"] += float(loss.detach()) * n
+                sums["correct"] += float((u.detach().argmax(1) == y).sum())
+            else:
+                d = self.filter.down(u)
+                loss = 0.5 * beta * (d - target).pow(2).sum() / n
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            sums["local"] += float(loss.detach()) * n
+            sums["n"] += n
+            if not self.last:
+                if zsend_req[s] is not None:
+                    zsend_req[s].wait()
+                zsend_buf[s][:n].copy_(d.detach())
+                zsend_req[s] = comm.isend(zsend_buf[s][:n], self.next, tag=j, key=("zsend", s))
+            if not self.first:
+                pending[s] = (j, idx, a.detach(), a.grad * n)  # per-sample adjoint p = |B| dL/da
+                if j + W < nb:
+                    send_targets(j + W)
+                # Drive MPI progress and apply updates whose inputs have arrived, oldest first.
+                for i in range(j - W + 1, j + 1):
+                    si = i % W
+                    if i >= 0 and pending[si] is not None and pending[si][0] == i:
+                        if not zrecv_req[si].test():
+                            break
+                        complete_update(si)
+
+        if not self.first:
+            for i in range(max(nb - W, 0), nb):
+                if pending[i % W] is not None:
+                    complete_update(i % W)
+        for req in (zsend_req + tsend_req):
+            if req is not None:
+                req.wait()
+        sync_device(self.device)
+        elapsed = time.perf_counter() - t_epoch
+        nan = float("nan")
+        ns, nu = max(sums["n"], 1), max(sums["nupd"], 1)
+        return ParallelStats(
+            local_loss=sums["local"] / ns,
+            train_loss=sums["ce"] / ns if self.last else nan,
+            train_acc=sums["correct"] / ns if self.last else nan,
+            residual=sums["res"] / nu if not self.first else nan,
+            multiplier_norm=sums["mult"] / nu if (self.method == "al" and not self.first) else nan,
+            steps=nb, samples=sums["n"],
+            compute_seconds=elapsed - (comm.counters.comm_seconds - comm_before))
+
+    def bytes_per_epoch(self, samples: int, element_size: int) -> int:
+        """The formula of ALGORITHM.md s.4 for what this rank sends in an epoch."""
+        out = 0
+        if not self.last:
+            out += samples * self.boundary_numel("out") * element_size   # D(u) forward
+        if not self.first:
+            out += samples * self.boundary_numel("in") * element_size    # targets backward
+        return out
+
+
+def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int) -> float:
+    """Penalty: beta_0 * growth^e capped at beta_max, e counting the parallel epochs run before
+    this one (across phases); AL keeps beta fixed."""
+    if method == "al":
+        return pcfg.beta
+    return min(pcfg.beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
+
