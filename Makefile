@@ -1,5 +1,6 @@
-# make demo  - set up .venv if needed, prepare the digits dataset, run the main job
-# make test  - set up .venv if needed, run the whole suite (plain pytest, then MPI at 1, 2, 3 ranks)
+# make demo  - set up .venv if needed, prepare the digits dataset, run the main job:
+#              SPH layer-parallel training on 2 ranks beside serial back-propagation
+# make test  - set up .venv if needed, run the whole suite (plain pytest, then MPI at 1, 2, 3, 4 ranks)
 # make bench - the benchmarks (see benchmarks/README.md)
 #
 # On a cluster with your own Python/MPI/CUDA torch, skip the venv:
@@ -11,7 +12,7 @@ VENV ?= .venv
 # CPU wheel on CPU machines; an unpinned torch pulls several GB of CUDA packages.
 TORCH_SPEC ?= torch==2.13.0
 TEST_TIMEOUT ?= 900
-MPI_SIZES ?= 1 2 3
+MPI_SIZES ?= 1 2 3 4
 
 ifeq ($(origin PYTHON),undefined)
 PYTHON := $(VENV)/bin/python
@@ -42,10 +43,10 @@ data/digits.h5: | $(SETUP)
 demo: $(SETUP) data/digits.h5
 	@echo "== serial back-propagation, 1 rank"
 	$(MPIEXEC) -n 1 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-serial \
-	    --set run.out_dir=$(DEMO_DIR) --set run.name=serial-1rank
-	@echo "== data-parallel back-propagation, 2 ranks"
-	$(MPIEXEC) -n 2 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-serial \
-	    --set run.out_dir=$(DEMO_DIR) --set run.name=dataparallel-2ranks
+	    --set run.out_dir=$(DEMO_DIR) --set run.name=serial-1rank --set run.threads=1
+	@echo "== SPH layer-parallel training (penalty:4,serial:1)x6, 2 ranks"
+	$(MPIEXEC) -n 2 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-penalty \
+	    --set run.out_dir=$(DEMO_DIR) --set run.name=sph-penalty-2ranks --set run.threads=1
 	@echo "== comparison"
 	$(PYTHON) -m hpc_layerpar summary $(DEMO_DIR)/*.h5
 

@@ -1,7 +1,8 @@
-"""One command, one run: per-epoch time of one-rank back-propagation against data-parallel on 2
-ranks (1 thread per rank), ResNet on CIFAR-10-shaped inputs, and the ratio rho = T_1 / T_method.
+"""One command, one run: per-epoch time of one-rank back-propagation, data-parallel on 2 ranks and
+the penalty parallel phase on 2 ranks (with and without DS s=2), 1 thread per rank, ResNets on
+CIFAR-10-shaped inputs, the ratio rho = T(one-rank back-propagation) / T(method), and the bytes.
 
-    python benchmarks/run.py [--depths 20] [--samples 2560] [--epochs 3]
+    python benchmarks/run.py [--depths 20,56] [--samples 2560] [--epochs 3]
 
 Uses data/cifar10.h5 when present, otherwise generates 3x32x32 inputs (10 classes) once.
 An "epoch" is --samples training images (the ratio is per step, so a short epoch suffices)."""
@@ -57,7 +58,8 @@ def launch(ranks, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depths", default="20", help="comma-separated ResNet depths")
+    ap.add_argument("--depths", default="20,56", help="comma-separated ResNet depths")
+    ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--samples", type=int, default=2560)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
@@ -65,15 +67,21 @@ def main():
     path, what = dataset(a.samples)
     print(f"data: {what}; batch {a.batch}; 1 thread per rank; best of {a.epochs} timed epochs "
           "after one warm-up; evaluation excluded")
-    print(f"{'model':10s} {'method':22s} {'ranks':>5s} {'s/epoch':>8s} {'rho':>6s} {'MB sent/rank/epoch':>19s}")
+    print(f"{'model':10s} {'method':26s} {'ranks':>5s} {'s/epoch':>8s} {'rho':>6s} "
+          f"{'MB sent/epoch (max rank)':>24s} {'wait s':>7s} {'sweep s':>8s}", flush=True)
     for depth in [int(d) for d in a.depths.split(",")]:
         common = ["--data", path, "--depth", str(depth), "--batch", str(a.batch), "--epochs", str(a.epochs)]
         base = launch(1, common + ["--method", "serial"])
-        rows = [("back-propagation", base), ("data-parallel", launch(2, common + ["--method", "serial"]))]
-        for name, r in rows:
+        runs = [("back-propagation", 1, []), ("data-parallel", a.ranks, []),
+                ("penalty", a.ranks, ["--method", "penalty", "--ds", "1"]),
+                ("penalty DS s=2", a.ranks, ["--method", "penalty", "--ds", "2"]),
+                ("penalty bf16 messages", a.ranks, ["--method", "penalty", "--message-dtype", "bfloat16"])]
+        for name, ranks, extra in runs:
+            r = base if ranks == 1 else launch(ranks, common + (extra or ["--method", "serial"]))
             rho = base["epoch_seconds"] / r["epoch_seconds"]
-            print(f"resnet{depth:<4d} {name:22s} {r['ranks']:5d} {r['epoch_seconds']:8.3f} {rho:6.2f} "
-                  f"{r['bytes_sent_per_rank'] / 1e6:19.2f}")
+            print(f"resnet{depth:<4d} {name:26s} {r['ranks']:5d} {r['epoch_seconds']:8.3f} {rho:6.2f} "
+                  f"{r['bytes_sent_per_rank'] / 1e6:24.2f} {r.get('wait_seconds_max', 0):7.3f} "
+                  f"{r.get('sweep_seconds', 0):8.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def penalty_update(a, z, p, beta: float, eta: float):
-    """A <- (1-eta) A + eta (z - p/beta)."""
-    return (1.0 - eta) * a + eta * (z - p / beta)
+    """A <- (1-eta) A + eta (z - p/beta). (Fused: this runs on whole batches of activations.)"""
+    step = torch.add(z, p, alpha=-1.0 / beta)
+    return step if eta == 1.0 else torch.lerp(a, step, eta)
 
 
 def al_update(a, m, z, p, beta: float, eta: float):
     """A <- (1-eta) A + eta (z + (M - p)/beta), then M <- M + beta (z - A_new)."""
-    a_new = (1.0 - eta) * a + eta * (z + (m - p) / beta)
-    return a_new, m + beta * (z - a_new)
+    step = torch.add(z, m - p, alpha=1.0 / beta)
+    a_new = step if eta == 1.0 else torch.lerp(a, step, eta)
+    return a_new, torch.add(m, z - a_new, alpha=beta)
 
 
 class AuxStore:

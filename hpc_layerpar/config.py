@@ -56,7 +56,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    beta: float = 1.0           # penalty weight beta_0 (AL: the fixed beta); 1/step size in activation space
+    beta: float = 0.01          # penalty weight beta_0 (AL: the fixed beta); 1/step size in activation space
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)
     beta_max: float = 1.0e4
     eta: float = 1.0            # relaxation of the auxiliary update, in (0, 1]
@@ -66,6 +66,7 @@ class ParallelConfig:
     aux_dtype: str = "float32"       # float32 | bfloat16 (storage of a_k and m_k)
     aux_location: str = "device"     # device | host (pinned when the device is a GPU)
     bn_batches: int = 20        # training batches used to re-estimate BatchNorm statistics
+    partition: str = "time"     # time (measured per element) | macs (analytic) | cut indices "4,9"
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ _MODELS = {"resnet": {"arch": "resnet", "depth": 20}, "resnet56": {"arch": "resn
 _PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("cifar10", "resnet56"), ("cifar10", "wrn28-10"),
           ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
 # SPH: 4 parallel epochs then 1 serial correction epoch, repeated (80% of the epochs parallel).
-_PARALLEL = {"penalty": {"beta": 1.0, "beta_growth": 1.0}, "al": {"beta": 1.0}}
+_PARALLEL = {"penalty": {"beta": 0.01, "beta_growth": 1.0}, "al": {"beta": 0.01}}
 
 
 def _make_presets() -> dict:
@@ -344,6 +345,9 @@ def validate(cfg: Config) -> None:
     _choice("parallel.aux_dtype", pc.aux_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_location", pc.aux_location, ("device", "host"))
     _positive("parallel.bn_batches", pc.bn_batches)
+    if pc.partition not in ("time", "macs") and not all(
+            c.strip().isdigit() for c in pc.partition.split(",")):
+        raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
     if cfg.debug.fail_epoch < 0 or cfg.debug.fail_rank < -1:
         raise ConfigError("debug.fail_rank must be >= -1 and debug.fail_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):

@@ -122,7 +122,7 @@ class ParallelEngine:
         def complete_update(s):
             j, idx, a_old, p = pending[s]
             zrecv_req[s].wait()
-            z = zrecv_buf[s][:len(idx)].to(torch.float32, copy=True)
+            z = zrecv_buf[s][:len(idx)].float()  # may alias the slot: it is re-posted only below
             if self.method == "penalty":
                 a_new = penalty_update(a_old, z, p, beta, self.eta)
             else:
@@ -130,7 +130,7 @@ class ParallelEngine:
                 self.store.scatter(idx, m_new, "m")
                 sums["mult"] += float(m_new.flatten(1).norm(dim=1).sum())
             self.store.scatter(idx, a_new)
-            sums["res"] += float((z - a_old).flatten(1).norm(dim=1).sum())
+            sums["res"] += float(torch.linalg.vector_norm((z - a_old).flatten(1), dim=1).sum())
             sums["nupd"] += len(idx)
             pending[s] = None
             if j + W < nb:
@@ -171,7 +171,7 @@ class ParallelEngine:
                 sums["correct"] += float((u.detach().argmax(1) == y).sum())
             else:
                 d = self.filter.down(u)
-                loss = 0.5 * beta * (d - target).pow(2).sum() / n
+                loss = F.mse_loss(d, target, reduction="sum") * (0.5 * beta / n)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()

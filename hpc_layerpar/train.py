@@ -18,7 +18,8 @@ from .models import count_parameters, model_from_config
 from .auxstore import DTYPES
 from .filters import DSFilter, check_boundaries
 from .parallel import ParallelEngine, beta_for_epoch
-from .partition import PartitionError, balanced_partition, stage_costs
+from .costs import measure_costs, parse_cuts
+from .partition import balanced_partition, stage_costs
 from .schedule import PARALLEL, lr_at, parallel_epochs_before, parse_phases, phase_of_epoch, total_epochs
 from .serial import SerialEngine, make_optimizer
 from .sweep import evaluate, forward_sweep, recalibrate_bn, share_stages
@@ -115,12 +116,22 @@ class Summary:
     epochs: int
 
 
-def stage_ranges(model, k: int, ds: int) -> list:
-    """The balanced contiguous split for k ranks, checked against the DS factor (ConfigError)."""
+def element_costs(model, pcfg, comm, batch_size: int, device) -> list[int]:
+    """Costs for the partitioner. Measured times are averaged over the ranks by one Allreduce, so
+    every rank gets bit-identical numbers and computes the same split."""
+    if pcfg.partition != "time":
+        return list(model.costs)
+    mine = measure_costs(model, batch_size, device)
+    return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
+
+
+def stage_ranges(model, k: int, pcfg, costs) -> list:
+    """The contiguous split for k ranks (balanced, or given), checked against the DS factor."""
     try:
-        ranges = balanced_partition(model.costs, k)
-    except PartitionError as exc:
-        raise ConfigError(f"{exc}. The parallel phases put one stage on each rank.") from None
+        ranges = parse_cuts(pcfg.partition, len(model), k) or balanced_partition(costs, k)
+    except ValueError as exc:  # PartitionError is a ValueError
+        raise ConfigError(f"{exc} The parallel phases put one stage on each rank.") from None
+    ds = pcfg.ds
     try:
         check_boundaries(ds, [model.shapes[a] for a, _ in ranges[1:]])
     except ValueError as exc:
@@ -161,10 +172,13 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
         c, h, _ = data.shape
         model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
                                   seed=cfg.train.seed).to(device)
-        ranges = stage_ranges(model, comm.size, cfg.parallel.ds) if any_parallel else None
-        return device, threads, data, model, ranges
+        return device, threads, data, model
 
-    device, threads, data, model, ranges = agree(comm, setup)
+    device, threads, data, model = agree(comm, setup)
+    ranges = costs = None
+    if any_parallel:
+        costs = element_costs(model, cfg.parallel, comm, cfg.data.batch_size, device)
+        ranges = agree(comm, lambda: stage_ranges(model, comm.size, cfg.parallel, costs))
     c, h, _ = data.shape
     opt = make_optimizer(model, cfg.optim)
     augment = make_augment(cfg.data, data, cfg.train.seed)
@@ -185,8 +199,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
         path = M.unique_path(cfg.run.out_dir, cfg.run.name)
         extra = {}
         if ranges is not None:
-            extra = {"stage_ranges": [list(r) for r in ranges],
-                     "stage_costs": stage_costs(model.costs, ranges),
+            extra = {"stage_ranges": [list(r) for r in ranges], "element_costs": costs,
+                     "partition": cfg.parallel.partition, "stage_costs": stage_costs(costs, ranges),
                      "aux_bytes": aux_bytes(model, ranges, data.n_train, pc, "al" in methods)}
         attrs = M.provenance({
             "mpi_library": library_version(), "hostnames": hosts, "devices": devices,
@@ -202,7 +216,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
                  f"{comm.size} rank(s), device {device}, {threads} thread(s)/rank, "
                  f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
     if ranges is not None:
-        progress.log(f"stages (elements [start, end) per rank): {ranges}; DS factor {pc.ds}; "
+        progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ranges}; "
+                     f"stage cost shares {[round(c / sum(costs), 3) for c in stage_costs(costs, ranges)]}; DS factor {pc.ds}; "
                      f"auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_bytes(model, ranges, data.n_train, pc, 'al' in methods)]} MiB")
     progress.log(f"metrics file: {path}")
 

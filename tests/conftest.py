@@ -1,5 +1,6 @@
 """Shared fixtures. Tests marked `mpi` pass at any communicator size: under plain pytest they run
 on one rank, and `make test` runs them again under mpiexec -n 1, 2 and 3."""
+import faulthandler
 import os
 import subprocess
 import sys
@@ -41,6 +42,23 @@ def make_dataset(path, n_train=64, n_test=32, channels=1, size=8, classes=4, see
 
     return write_dataset(str(path), name="synthetic", train=split(n_train), test=split(n_test),
                          num_classes=classes, source="tests", hflip=hflip)
+
+
+WATCHDOG_S = 180
+
+
+@pytest.fixture(autouse=True)
+def _mpi_watchdog():
+    """Under mpiexec, a test that raises on one rank can leave its peers waiting in a collective.
+    Rather than hang until CI's limit, dump every thread's stack and exit: the job then aborts."""
+    from hpc_layerpar.comm import world_size
+
+    if world_size() > 1:
+        faulthandler.dump_traceback_later(WATCHDOG_S, exit=True)
+        yield
+        faulthandler.cancel_dump_traceback_later()
+    else:
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -43,6 +43,28 @@ def test_exception_on_one_rank_aborts_the_whole_job(tmp_path):
     assert list(m["columns"]["epoch"]) == [0] and m["attrs"]["status"] == "running"
 
 
+def test_exception_during_a_parallel_phase_aborts_without_hanging(tmp_path):
+    """Rank 2 of 3 fails while its neighbours have messages posted ahead in the window."""
+    data = make_dataset(tmp_path / "d.h5")
+    p = run_cli(["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}",
+                 "--set", "data.batch_size=16", "--set", "model.depth=8", "--set", "train.phases=penalty:3",
+                 "--set", "parallel.beta=0.02", "--set", f"run.out_dir={tmp_path}/runs",
+                 "--set", "debug.fail_rank=2", "--set", "debug.fail_epoch=1"], n=3, timeout=120)
+    assert p.returncode != 0
+    assert "[rank 2]" in p.stderr and "injected failure on rank 2 at epoch 1" in p.stderr
+
+
+def test_rank_count_and_ds_errors_come_before_training(tmp_path):
+    data = make_dataset(tmp_path / "d.h5", size=12)  # 12x12 -> 6x6 -> 3x3 activations
+    base = ["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}", "--set",
+            "data.batch_size=16", "--set", "model.depth=8", "--set", f"run.out_dir={tmp_path}/runs"]
+    p = run_cli(base + ["--set", "parallel.ds=4"], n=3, timeout=120)  # boundary 2 is 6x6
+    assert p.returncode != 0 and "parallel.ds=4 does not divide" in p.stderr and "Use parallel.ds in" in p.stderr
+    p = run_cli(base, n=6, timeout=120)
+    assert p.returncode != 0 and "cannot split 5 elements" in p.stderr and "at most 5 ranks" in p.stderr
+    assert "epoch" not in p.stdout
+
+
 def test_presets_and_print_config():
     p = run_cli(["presets"])
     assert p.returncode == 0 and "cifar10-resnet56-serial" in p.stdout
