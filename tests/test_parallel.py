@@ -41,16 +41,20 @@ def run_engine(comm, data, ranges, pcfg, method, beta, epochs=EPOCHS):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method,ds,wire", [("penalty", 1, "float32"), ("al", 1, "float32"),
-                                            ("penalty", 2, "float32"), ("al", 2, "bfloat16")])
-def test_mpi_engine_equals_single_process_simulation(world, tiny_data, method, ds, wire):
+@pytest.mark.parametrize("method,ds,wire,aux", [("penalty", 1, "float32", "float32"),
+                                                ("al", 1, "float32", "float32"),
+                                                ("penalty", 2, "float32", "float32"),
+                                                ("al", 2, "bfloat16", "float32"),
+                                                ("penalty", 1, "bfloat16", "bfloat16")])
+def test_mpi_engine_equals_single_process_simulation(world, tiny_data, method, ds, wire, aux):
     data = DeviceDataset(tiny_data, torch.device("cpu"))
     ranges = balanced_partition(make_model().costs, world.size)
-    pcfg = ParallelConfig(ds=ds, window=2, message_dtype=wire, beta=BETA)
+    pcfg = ParallelConfig(ds=ds, window=2, message_dtype=wire, beta=BETA, aux_dtype=aux,
+                          aux_location="host" if aux == "bfloat16" else "device")
     model, eng, _ = run_engine(world, data, ranges, pcfg, method, beta=BETA)
     sim_models, A, M = simulate(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method,
                                 ds=ds, epochs=EPOCHS, batch_size=BATCH, seed=SEED, lr=LR, beta=BETA,
-                                message_dtype=wire)
+                                message_dtype=wire, aux_dtype=aux)
     k = world.rank
     a, b = ranges[k]
     mine = [p for el in model.elements[a:b] for p in el.parameters()]
