@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one value, e.g. --set optim.lr=0.05 (repeatable; applied last)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--resume", metavar="auto|CHECKPOINT", help="continue from a checkpoint folder; auto: "
+                   "the latest in the run's checkpoint folder, or a fresh start if there is none")
     sub.add_parser("presets", help="list the named presets")
     sm = sub.add_parser("summary", help="one line per metrics file: accuracy, time, traffic")
     sm.add_argument("files", nargs="+", metavar="RUN.h5")
@@ -93,11 +95,14 @@ def main(argv=None) -> int:
     from .train import run  # torch import deferred: config errors come back fast
 
     try:
-        run(cfg)
+        summary = run(cfg, resume=args.resume)
     except (ConfigError, DataError) as exc:
         return _fail(str(exc))
     except BaseException as exc:  # noqa: BLE001 - any other failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         abort_job(exc)
+    if summary.stopped_at is not None and not summary.requeued:
+        from .train import EXIT_CHECKPOINTED
+        return EXIT_CHECKPOINTED
     return 0

@@ -76,12 +76,17 @@ class RunConfig:
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     threads: int = 0            # torch threads per rank; 0: cores per node / ranks per node
     progress: str = "auto"      # auto: a live bar on a terminal, lines otherwise | lines | off
+    checkpoint_every: int = 0   # epochs between checkpoints (0: only on SIGUSR1/SIGTERM)
+    checkpoint_dir: str = ""    # empty: <out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
+    requeue: bool = True        # after a signal checkpoint inside a SLURM job: scontrol requeue
 
 
 @dataclass(frozen=True)
 class DebugConfig:
     fail_rank: int = -1         # >= 0: that rank raises at the start of epoch `fail_epoch` (tests the abort)
     fail_epoch: int = 0
+    kill_rank: int = -1         # >= 0: that rank SIGKILLs itself at the start of epoch `kill_epoch`
+    kill_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -348,8 +353,10 @@ def validate(cfg: Config) -> None:
     if pc.partition not in ("time", "macs") and not all(
             c.strip().isdigit() for c in pc.partition.split(",")):
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
-    if cfg.debug.fail_epoch < 0 or cfg.debug.fail_rank < -1:
-        raise ConfigError("debug.fail_rank must be >= -1 and debug.fail_epoch >= 0.")
+    _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
+    dbg = cfg.debug
+    if min(dbg.fail_epoch, dbg.kill_epoch) < 0 or min(dbg.fail_rank, dbg.kill_rank) < -1:
+        raise ConfigError("debug.fail_rank / kill_rank must be >= -1 and debug.fail_epoch / kill_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):
         raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
                           "it names the metrics file.")

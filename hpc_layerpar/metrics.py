@@ -132,6 +132,28 @@ class MetricsWriter:
                                      chunks=(64, world_size) if per_rank else (256,))
                 d.attrs["doc"] = doc
 
+    @classmethod
+    def reopen(cls, path: str, keep_rows: int) -> "MetricsWriter":
+        """Continue a run's file after a resume: rows from epoch `keep_rows` on (written after the
+        checkpoint, before the job died) are dropped so that no epoch appears twice."""
+        self = cls.__new__(cls)
+        self.path = path
+        with _atomic_update(path) as f:
+            self.world_size = int(f.attrs["world_size"])
+            for d in f["epochs"].values():
+                if d.shape[0] > keep_rows:
+                    d.resize(keep_rows, axis=0)
+            f.attrs["status"] = "running"
+        return self
+
+    def add_resume(self, epoch: int, source: str, attrs: dict) -> None:
+        """Record the resume (epoch, checkpoint, hosts...) in a growing JSON list attribute."""
+        with _atomic_update(self.path) as f:
+            log = json.loads(f.attrs.get("resumes", "[]"))
+            log.append({"epoch": epoch, "checkpoint": source, "started": attrs.get("started"),
+                        "hostnames": attrs.get("hostnames"), "slurm_job_id": attrs.get("slurm_job_id")})
+            f.attrs["resumes"] = json.dumps(log)
+
     def append(self, row: dict) -> None:
         missing = set(COLUMNS) - set(row)
         if missing:

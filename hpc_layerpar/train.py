@@ -1,110 +1,32 @@
-"""run(cfg, comm): set up data and model on every rank, walk the schedule, write the metrics."""
+"""run(cfg, comm): set up data and model on every rank, walk the schedule, write the metrics,
+checkpoint, and resume."""
 from __future__ import annotations
 
+import hashlib
 import math
 import os
-import sys
+import signal
+import subprocess
 import time
 from dataclasses import dataclass
 
 import torch
 
+from . import checkpoint as C
 from . import metrics as M
 from .comm import Comm, hostname, library_version
 from .config import Config, ConfigError
 from .data import DeviceDataset, make_augment
-from .dataformat import DataError
 from .models import count_parameters, model_from_config
-from .auxstore import DTYPES
-from .filters import DSFilter, check_boundaries
 from .parallel import ParallelEngine, beta_for_epoch
-from .costs import measure_costs, parse_cuts
-from .partition import balanced_partition, stage_costs
+from .partition import stage_costs
+from .progress import Progress, epoch_line
+from .runsetup import agree, aux_bytes, check_fit, element_costs, resolve_device, set_threads, stage_ranges
 from .schedule import PARALLEL, lr_at, parallel_epochs_before, parse_phases, phase_of_epoch, total_epochs
 from .serial import SerialEngine, make_optimizer
 from .sweep import evaluate, forward_sweep, recalibrate_bn, share_stages
 
-
-def resolve_device(spec: str, local_rank: int) -> torch.device:
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"run.device={spec!r} but this torch sees no CUDA device "
-                          f"(torch {torch.__version__}); use run.device=auto or cpu.")
-    if spec == "cuda":
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    idx = int(spec.split(":")[1])
-    if idx >= torch.cuda.device_count():
-        raise ConfigError(f"run.device={spec!r} but only {torch.cuda.device_count()} CUDA devices exist.")
-    return torch.device("cuda", idx)
-
-
-def set_threads(threads: int, local_size: int) -> int:
-    if threads == 0:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:
-            cores = os.cpu_count() or 1
-        threads = max(1, cores // max(local_size, 1))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def check_fit(cfg: Config, data: DeviceDataset, comm: Comm) -> None:
-    """Configuration checks that need the dataset's shape."""
-    c, h, w = data.shape
-    if h != w or h % 4:
-        raise ConfigError(f"images of {data.name} are {h}x{w}; the models need square images whose side "
-                          "is divisible by 4. Re-create the dataset or pad it.")
-    if cfg.data.batch_size > data.n_train:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {data.n_train} training "
-                          f"images of {data.name}; use a smaller batch.")
-    if cfg.data.batch_size < comm.size:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is smaller than the {comm.size} ranks "
-                          "that share each batch; use a batch of at least one sample per rank.")
-
-
-def agree(comm: Comm, fn):
-    """Run a set-up step on every rank; if it fails with a user error on any rank, raise that error
-    on all ranks alike, so no rank waits in a collective for a peer that gave up."""
-    err = None
-    try:
-        result = fn()
-    except (ConfigError, DataError) as exc:
-        err, result = exc, None
-    errors = comm.allgather_obj(None if err is None else (type(err).__name__, str(err)))
-    for r, e in enumerate(errors):
-        if e is not None:
-            cls = ConfigError if e[0] == "ConfigError" else DataError
-            msg = e[1] if comm.size == 1 else f"{e[1]} (reported by rank {r})"
-            raise cls(msg)
-    return result
-
-
-class Progress:
-    """One line per epoch for batch logs; a live bar only when stdout is a terminal."""
-
-    def __init__(self, mode: str, enabled: bool):
-        self.enabled = enabled and mode != "off"
-        self.bar = self.enabled and mode == "auto" and sys.stdout.isatty()
-
-    def log(self, text: str):
-        if self.enabled:
-            if self.bar:
-                sys.stdout.write("\r\x1b[K")
-            print(text, flush=True)
-
-    def step(self, epoch, total_epochs_, step, steps, loss):
-        if self.bar:
-            width = 30
-            fill = int(width * step / steps)
-            sys.stdout.write(f"\r  epoch {epoch + 1}/{total_epochs_} [{'#' * fill}{'.' * (width - fill)}] "
-                             f"{step}/{steps} loss {loss:.4f}")
-            sys.stdout.flush()
+EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume with --resume
 
 
 @dataclass
@@ -114,47 +36,64 @@ class Summary:
     best_test_acc: float
     wall_seconds: float
     epochs: int
+    stopped_at: int | None = None   # epoch after which a signal stopped the run (checkpointed)
+    checkpoint: str | None = None
+    requeued: bool = False
 
 
-def element_costs(model, pcfg, comm, batch_size: int, device) -> list[int]:
-    """Costs for the partitioner. Measured times are averaged over the ranks by one Allreduce, so
-    every rank gets bit-identical numbers and computes the same split."""
-    if pcfg.partition != "time":
-        return list(model.costs)
-    mine = measure_costs(model, batch_size, device)
-    return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
+class StopRequest:
+    """SIGUSR1 / SIGTERM (SLURM --signal, preemption, time limit) only set a flag; the ranks agree
+    on it at the end of the epoch, checkpoint, and leave."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.saved = {}
+
+    def __enter__(self):
+        try:
+            for s in self.SIGNALS:
+                self.saved[s] = signal.signal(s, self._handler)
+        except ValueError:  # not the main thread: leave signals to the host program
+            self.saved = {}
+        return self
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for s, h in self.saved.items():
+            signal.signal(s, h)
 
 
-def stage_ranges(model, k: int, pcfg, costs) -> list:
-    """The contiguous split for k ranks (balanced, or given), checked against the DS factor."""
+def check_same_config(cfg: Config, comm: Comm) -> None:
+    digests = comm.allgather_obj(hashlib.sha256(cfg.to_json().encode()).hexdigest())
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise ConfigError(f"ranks {odd} resolved a different configuration than rank 0 (different "
+                          "--set values, config files or presets per rank?). Give every rank the same "
+                          "command line and files.")
+
+
+def _requeue() -> bool:
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return False
     try:
-        ranges = parse_cuts(pcfg.partition, len(model), k) or balanced_partition(costs, k)
-    except ValueError as exc:  # PartitionError is a ValueError
-        raise ConfigError(f"{exc} The parallel phases put one stage on each rank.") from None
-    ds = pcfg.ds
-    try:
-        check_boundaries(ds, [model.shapes[a] for a, _ in ranges[1:]])
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    return ranges
+        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return p.returncode == 0
 
 
-def aux_bytes(model, ranges, n_train: int, pcfg, with_multipliers: bool) -> list:
-    """Bytes of auxiliary storage per rank (rank 0 owns no boundary)."""
-    filt = DSFilter(pcfg.ds)
-    size = DTYPES[pcfg.aux_dtype].itemsize
-    out = [0]
-    for a, _ in ranges[1:]:
-        c, h, w = filt.coarse_shape(model.shapes[a])
-        out.append(n_train * c * h * w * size * (2 if with_multipliers else 1))
-    return out
-
-
-def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
+def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str | None = None) -> Summary:
+    """resume: None (fresh start), "auto" (the latest checkpoint in the run's checkpoint folder if
+    there is one, else a fresh start) or the path of a checkpoint folder."""
     if comm is None:
         comm = Comm.world()
         try:
-            return run(cfg, comm, quiet)
+            return run(cfg, comm, quiet, resume)
         finally:
             comm.free()
     t_start = time.perf_counter()
@@ -163,8 +102,10 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
     n_epochs = total_epochs(phases)
     methods = {p.method for p in phases}
     any_parallel = bool(methods & set(PARALLEL))
+    ckpt_dir = cfg.run.checkpoint_dir or C.default_dir(cfg.run.out_dir, cfg.run.name)
 
     def setup():
+        check_same_config(cfg, comm)
         device = resolve_device(cfg.run.device, comm.local_rank)
         threads = set_threads(cfg.run.threads, comm.local_size)
         data = DeviceDataset(cfg.data.path, device)
@@ -172,15 +113,29 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
         c, h, _ = data.shape
         model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
                                   seed=cfg.train.seed).to(device)
-        return device, threads, data, model
+        src = None
+        if resume:
+            src = C.latest(ckpt_dir) if resume == "auto" else resume
+            if resume != "auto" and (src is None or not os.path.exists(os.path.join(src, "meta.json"))):
+                raise ConfigError(f"--resume {resume}: no checkpoint there (a folder with meta.json); "
+                                  f"use --resume auto to take the latest in {ckpt_dir}.")
+        return device, threads, data, model, src
 
-    device, threads, data, model = agree(comm, setup)
-    ranges = costs = None
-    if any_parallel:
-        costs = element_costs(model, cfg.parallel, comm, cfg.data.batch_size, device)
-        ranges = agree(comm, lambda: stage_ranges(model, comm.size, cfg.parallel, costs))
-    c, h, _ = data.shape
+    device, threads, data, model, src = agree(comm, setup)
     opt = make_optimizer(model, cfg.optim)
+    meta = None
+    if src is not None:
+        meta = C.load_meta(src)
+        C.load_model(src, model, opt)
+    ranges = costs = None
+    same_split = False
+    if any_parallel:
+        same_split = bool(meta is not None and meta.get("world_size") == comm.size and meta.get("stage_ranges"))
+        if same_split:  # the split the run started with: a re-measured one could differ
+            costs, ranges = meta["element_costs"], [tuple(r) for r in meta["stage_ranges"]]
+        else:
+            costs = element_costs(model, cfg.parallel, comm, cfg.data.batch_size, device)
+            ranges = agree(comm, lambda: stage_ranges(model, comm.size, cfg.parallel, costs))
     augment = make_augment(cfg.data, data, cfg.train.seed)
     serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
                           drop_last=cfg.data.drop_last, seed=cfg.train.seed)
@@ -190,104 +145,145 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
         return lr_at(t, base=o.lr, total=n_epochs, schedule=o.schedule, warmup=o.warmup_epochs,
                      milestones=o.milestones, gamma=o.gamma)
 
+    nan = float("nan")
+    start_epoch = 0 if meta is None else meta["epoch"] + 1
+    best = nan if meta is None else meta["best_test_acc"]
+    final = nan if meta is None else meta["final_test_acc"]
     hosts = comm.allgather_obj(hostname())
     devices = comm.allgather_obj(str(device) + ("" if device.type != "cuda" else
                                                 f" ({torch.cuda.get_device_name(device)})"))
-    writer = None
-    path = None
+    aux_sizes = aux_bytes(model, ranges, data.n_train, pc, "al" in methods) if ranges else None
+    writer = path = None
     if comm.rank == 0:
-        path = M.unique_path(cfg.run.out_dir, cfg.run.name)
         extra = {}
         if ranges is not None:
             extra = {"stage_ranges": [list(r) for r in ranges], "element_costs": costs,
-                     "partition": cfg.parallel.partition, "stage_costs": stage_costs(costs, ranges),
-                     "aux_bytes": aux_bytes(model, ranges, data.n_train, pc, "al" in methods)}
+                     "partition": pc.partition, "stage_costs": stage_costs(costs, ranges),
+                     "aux_bytes": aux_sizes}
         attrs = M.provenance({
             "mpi_library": library_version(), "hostnames": hosts, "devices": devices,
             "threads_per_rank": threads, "model": model.name, "num_parameters": count_parameters(model),
             "dataset": data.name, "dataset_path": os.path.abspath(cfg.data.path),
             "n_train": data.n_train, "n_test": data.n_test, "phases": cfg.train.phases,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), **extra,
-        })
-        writer = M.MetricsWriter(path, config_json=cfg.to_json(), world_size=comm.size, attrs=attrs)
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "checkpoint_dir": os.path.abspath(ckpt_dir),
+            **extra})
+        old = meta.get("metrics_path") if meta else None
+        if old and os.path.exists(old) and meta["world_size"] == comm.size:
+            path = old  # continue the same file: rows after the checkpoint are dropped, then rewritten
+            writer = M.MetricsWriter.reopen(path, keep_rows=start_epoch)
+            writer.add_resume(start_epoch, src, attrs)
+        else:
+            path = M.unique_path(cfg.run.out_dir, cfg.run.name)
+            if old:
+                attrs["continues"] = old  # resumed at another rank count: per-rank columns change width
+            writer = M.MetricsWriter(path, config_json=cfg.to_json(), world_size=comm.size, attrs=attrs)
     path = comm.bcast_obj(path)
     progress.log(f"hpc_layerpar: {model.name} ({count_parameters(model) / 1e6:.3f} M parameters) on "
-                 f"{data.name} ({data.n_train} train / {data.n_test} test, {c}x{h}x{h}), "
-                 f"{comm.size} rank(s), device {device}, {threads} thread(s)/rank, "
+                 f"{data.name} ({data.n_train} train / {data.n_test} test, {data.shape[0]}x{data.shape[1]}x"
+                 f"{data.shape[2]}), {comm.size} rank(s), device {device}, {threads} thread(s)/rank, "
                  f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
     if ranges is not None:
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ranges}; "
-                     f"stage cost shares {[round(c / sum(costs), 3) for c in stage_costs(costs, ranges)]}; DS factor {pc.ds}; "
-                     f"auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_bytes(model, ranges, data.n_train, pc, 'al' in methods)]} MiB")
+                     f"stage cost shares {[round(c / sum(costs), 3) for c in stage_costs(costs, ranges)]}; "
+                     f"DS factor {pc.ds}; auxiliary storage per rank "
+                     f"{[round(b / 2**20, 1) for b in aux_sizes]} MiB")
+    if src is not None:
+        progress.log(f"resumed from {src} at epoch {start_epoch + 1}")
     progress.log(f"metrics file: {path}")
 
-    nan = float("nan")
-    best = final = nan
     par = None
     starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
-    for epoch in range(n_epochs):
-        pidx, phase = phase_of_epoch(phases, epoch)
-        comm.counters.reset()
-        comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
-        if epoch == cfg.debug.fail_epoch and comm.rank == cfg.debug.fail_rank:
-            raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank)")
-        t_sw = time.perf_counter()
-        if epoch == starts[pidx]:
-            previous = phases[pidx - 1].method if pidx > 0 else None
+    with StopRequest() as stop:
+        for epoch in range(start_epoch, n_epochs):
+            pidx, phase = phase_of_epoch(phases, epoch)
+            comm.counters.reset()
+            comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
+            if epoch == cfg.debug.fail_epoch and comm.rank == cfg.debug.fail_rank:
+                raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank)")
+            if epoch == cfg.debug.kill_epoch and comm.rank == cfg.debug.kill_rank:
+                os.kill(os.getpid(), signal.SIGKILL)
+            t_sw = time.perf_counter()
+            new_phase = epoch == starts[pidx]
             if phase.method == "serial":
-                par = None  # frees the auxiliary variables
-                if previous in PARALLEL:
+                if par is not None or (new_phase and pidx > 0 and phases[pidx - 1].method in PARALLEL):
                     share_stages(model, ranges, comm, opt)  # every rank gets the whole network
-            else:
-                par = None
+                par = None  # frees the auxiliary variables
+            elif new_phase or par is None:
                 par = ParallelEngine(model, opt, comm, data, ranges, pc, method=phase.method,
                                      batch_size=cfg.data.batch_size, drop_last=cfg.data.drop_last,
                                      seed=cfg.train.seed)
-                forward_sweep(model, ranges, comm, data, par.store, par.filter, cfg.data.batch_size)
-        switch_s = time.perf_counter() - t_sw
-        switch_bytes = comm.counters.bytes_sent
-        comm.counters.reset()
-        t0 = time.perf_counter()
-        beta = nan
-        if phase.method == "serial":
-            st = serial.train_epoch(epoch, lr_fn, on_step=lambda s_, n_, loss: progress.step(
-                epoch, n_epochs, s_, n_, loss))
-            local = (nan, nan, nan)
-            train_loss, train_acc = st.train_loss, st.train_acc
-        else:
-            beta = beta_for_epoch(pc, phase.method, parallel_epochs_before(phases, epoch))
-            st = par.train_epoch(epoch, lr_fn, beta)
-            local = (st.local_loss, st.residual, st.multiplier_norm)
-            train_loss, train_acc = st.train_loss, st.train_acc
-        epoch_s = time.perf_counter() - t0
-        counters = comm.counters.as_tuple()
-        test_loss = test_acc = nan
-        eval_s = 0.0
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch == n_epochs - 1:
-            t1 = time.perf_counter()
-            if phase.method != "serial":
-                # The true network G: gather the stages, re-estimate BatchNorm, then evaluate.
-                share_stages(model, ranges, comm)
-                recalibrate_bn(model, data, comm, pc.bn_batches, cfg.data.batch_size, cfg.train.seed)
-            test_loss, test_acc = evaluate(model, data, comm, cfg.data.eval_batch_size)
-            eval_s = time.perf_counter() - t1
-            final = test_acc
-            best = test_acc if math.isnan(best) else max(best, test_acc)
-        per_rank = comm.gather_obj((st.compute_seconds, *counters, epoch_s, switch_bytes,
-                                    *local, train_loss, train_acc))
-        if comm.rank == 0:
-            cols = list(zip(*per_rank))
-            if phase.method != "serial":  # the relaxed network's CE lives on the last rank
+                # Resuming inside a parallel phase: reuse the saved auxiliary variables only with
+                # the identical split; otherwise (another K) the forward sweep rebuilds them.
+                reuse = not new_phase and same_split
+                loaded = C.load_aux(src, comm.rank, par.store) if reuse and par.store is not None else reuse
+                if not all(comm.allgather_obj(loaded)):  # a collective decision: the sweep is collective
+                    forward_sweep(model, ranges, comm, data, par.store, par.filter, cfg.data.batch_size)
+            switch_s = time.perf_counter() - t_sw
+            switch_bytes = comm.counters.bytes_sent
+            comm.counters.reset()
+            t0 = time.perf_counter()
+            beta = nan
+            if phase.method == "serial":
+                st = serial.train_epoch(epoch, lr_fn, on_step=lambda s_, n_, loss: progress.step(
+                    epoch, n_epochs, s_, n_, loss))
+                local = (nan, nan, nan)
+            else:
+                beta = beta_for_epoch(pc, phase.method, parallel_epochs_before(phases, epoch))
+                st = par.train_epoch(epoch, lr_fn, beta)
+                local = (st.local_loss, st.residual, st.multiplier_norm)
+            epoch_s = time.perf_counter() - t0
+            counters = comm.counters.as_tuple()
+            test_loss = test_acc = nan
+            eval_s = 0.0
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch == n_epochs - 1:
+                t1 = time.perf_counter()
+                if phase.method != "serial":
+                    # The true network G: gather the stages, re-estimate BatchNorm, then evaluate.
+                    share_stages(model, ranges, comm)
+                    recalibrate_bn(model, data, comm, pc.bn_batches, cfg.data.batch_size, cfg.train.seed)
+                test_loss, test_acc = evaluate(model, data, comm, cfg.data.eval_batch_size)
+                eval_s = time.perf_counter() - t1
+                final = test_acc
+                best = test_acc if math.isnan(best) else max(best, test_acc)
+            per_rank = comm.gather_obj((st.compute_seconds, *counters, epoch_s, switch_bytes,
+                                        *local, st.train_loss, st.train_acc))
+            if comm.rank == 0:
+                cols = list(zip(*per_rank))
+                # serial: every rank has the same figures; parallel: the relaxed network's CE is the last rank's
                 train_loss, train_acc = cols[-2][-1], cols[-1][-1]
-            row = {"epoch": epoch, "phase": phase.method, "phase_index": pidx, "lr": lr_fn(epoch),
-                   "beta": beta, "train_loss": train_loss, "train_acc": train_acc,
-                   "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": max(cols[5]),
-                   "switch_seconds": switch_s, "eval_seconds": eval_s, "compute_seconds": cols[0],
-                   "comm_seconds": cols[1], "wait_seconds": cols[2], "bytes_sent": cols[3],
-                   "bytes_recv": cols[4], "switch_bytes_sent": cols[6], "local_loss": cols[7],
-                   "residual": cols[8], "multiplier_norm": cols[9]}
-            writer.append(row)
-            progress.log(_epoch_line(row, n_epochs))
+                row = {"epoch": epoch, "phase": phase.method, "phase_index": pidx, "lr": lr_fn(epoch),
+                       "beta": beta, "train_loss": train_loss, "train_acc": train_acc,
+                       "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": max(cols[6]),
+                       "switch_seconds": switch_s, "eval_seconds": eval_s, "compute_seconds": cols[0],
+                       "comm_seconds": cols[1], "wait_seconds": cols[2], "bytes_sent": cols[3],
+                       "bytes_recv": cols[4], "switch_bytes_sent": cols[7], "local_loss": cols[8],
+                       "residual": cols[9], "multiplier_norm": cols[10]}
+                writer.append(row)
+                progress.log(epoch_line(row, n_epochs))
+            stopping = bool(comm.allreduce_array([stop.requested], "max")[0]) and epoch < n_epochs - 1
+            every = cfg.run.checkpoint_every
+            if stopping or (every and (epoch + 1) % every == 0) or (every and epoch == n_epochs - 1):
+                if par is not None:
+                    share_stages(model, ranges, comm, opt)  # the whole network, rank-count independent
+                saved = C.save(ckpt_dir, comm, epoch=epoch, model=model, optimizer=opt,
+                               store=par.store if par is not None else None,
+                               meta={"world_size": comm.size, "metrics_path": path, "best_test_acc": best,
+                                     "final_test_acc": final, "config": cfg.to_dict(),
+                                     "stage_ranges": [list(r) for r in ranges] if ranges else None,
+                                     "element_costs": costs})
+                progress.log(f"checkpoint: {saved}")
+            if stopping:
+                wall = time.perf_counter() - t_start
+                requeued = False
+                if comm.rank == 0:
+                    writer.set_attrs(status="checkpointed", wall_seconds_last_segment=wall)
+                    requeued = cfg.run.requeue and _requeue()
+                    progress.log(f"stopped by a signal after epoch {epoch + 1}; checkpoint {saved}; "
+                                 + ("job requeued" if requeued else "resume with --resume auto"))
+                requeued = comm.bcast_obj(requeued)
+                return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best,
+                               wall_seconds=wall, epochs=n_epochs, stopped_at=epoch, checkpoint=saved,
+                               requeued=requeued)
     wall = time.perf_counter() - t_start
     if comm.rank == 0:
         writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=final,
@@ -296,18 +292,3 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False) -> Summary:
                      f"(best {100 * best:.2f}%); metrics written to {path}")
     return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best, wall_seconds=wall,
                    epochs=n_epochs)
-
-
-def _epoch_line(row: dict, n_epochs: int) -> str:
-    acc = "" if math.isnan(row["test_acc"]) else \
-        f" test_loss {row['test_loss']:.4f} test_acc {100 * row['test_acc']:6.2f}%"
-    par = ""
-    if row["phase"] != "serial":
-        res = [r for r in row["residual"] if not math.isnan(r)]
-        par = (f" beta {row['beta']:.3g} residual {sum(res) / max(len(res), 1):.3g}"
-               f" wait {max(row['wait_seconds']):.2f}s")
-    sw = f" switch {row['switch_seconds']:.2f}s" if row["switch_seconds"] > 0.005 else ""
-    return (f"epoch {row['epoch'] + 1:4d}/{n_epochs} {row['phase']:7s} lr {row['lr']:.4f} "
-            f"train_loss {row['train_loss']:.4f} train_acc {100 * row['train_acc']:6.2f}%{acc}{par} "
-            f"time {row['epoch_seconds']:.2f}s (compute {max(row['compute_seconds']):.2f}s, "
-            f"comm {max(row['comm_seconds']):.2f}s){sw}")

@@ -1,0 +1,110 @@
+"""Checkpoints: written atomically (a temporary folder renamed into place, then a `latest` pointer
+renamed over the old one), so a job killed at any moment leaves the previous checkpoint usable.
+
+Layout of `run.checkpoint_dir` (default `<out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt`):
+
+    latest               the name of the newest complete checkpoint, e.g. "epoch-000012"
+    epoch-000012/
+      meta.json          epoch, world size, stage ranges and costs, metrics path, accuracies, config
+      model.pt           the whole network and SGD momentum: independent of the rank count
+      aux-rank1.pt ...   auxiliary variables (and AL multipliers) of each rank's boundary, when the
+                         checkpoint falls inside a parallel phase
+
+The whole network is gathered before writing (one Bcast per stage), so a checkpoint taken at K
+ranks resumes at any rank count; auxiliary variables are reused only at the same K and split,
+otherwise the forward sweep rebuilds them (and AL multipliers restart at zero)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+
+LATEST = "latest"
+KEEP = 2
+
+
+def default_dir(out_dir: str, name: str) -> str:
+    job = os.environ.get("SLURM_JOB_ID")
+    return os.path.join(out_dir, f"{name}" + (f"-j{job}" if job else "") + ".ckpt")
+
+
+def latest(ckpt_dir: str) -> str | None:
+    """Path of the newest complete checkpoint in ckpt_dir, or None."""
+    pointer = os.path.join(ckpt_dir, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as fh:
+        name = fh.read().strip()
+    path = os.path.join(ckpt_dir, name)
+    return path if os.path.exists(os.path.join(path, "meta.json")) else None
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save(ckpt_dir: str, comm, *, epoch: int, model, optimizer, store, meta: dict) -> str:
+    """Collective: every rank calls it. The caller has already gathered the whole network on rank 0."""
+    name = f"epoch-{epoch:06d}"
+    final = os.path.join(ckpt_dir, name)
+    tmp = os.path.join(ckpt_dir, f".{name}.tmp")
+    if comm.rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    comm.barrier()
+    if store is not None:
+        torch.save({"a": store.a.cpu(), "m": None if store.m is None else store.m.cpu()},
+                   os.path.join(tmp, f"aux-rank{comm.rank}.pt"))
+    if comm.rank == 0:
+        params = list(model.parameters())
+        torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "momentum": [optimizer.state[p]["momentum_buffer"].cpu() for p in params],
+                    "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "model.pt"))
+        _atomic_text(os.path.join(tmp, "meta.json"), json.dumps({**meta, "epoch": epoch}, indent=1))
+    comm.barrier()  # every rank's files are on disk before the folder becomes visible
+    if comm.rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _atomic_text(os.path.join(ckpt_dir, LATEST), name)
+        old = sorted(d for d in os.listdir(ckpt_dir) if d.startswith("epoch-") and d != name)
+        for d in old[:-(KEEP - 1)] if KEEP > 1 else old:
+            shutil.rmtree(os.path.join(ckpt_dir, d), ignore_errors=True)
+    comm.barrier()
+    return final
+
+
+def load_meta(path: str) -> dict:
+    with open(os.path.join(path, "meta.json")) as fh:
+        return json.load(fh)
+
+
+def load_model(path: str, model, optimizer) -> None:
+    state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    for p, buf in zip(model.parameters(), state["momentum"]):
+        optimizer.state[p]["momentum_buffer"].copy_(buf)
+    torch.set_rng_state(state["torch_rng"])
+
+
+def load_aux(path: str, rank: int, store) -> bool:
+    f = os.path.join(path, f"aux-rank{rank}.pt")
+    if store is None or not os.path.exists(f):
+        return False
+    state = torch.load(f, map_location="cpu", weights_only=True)
+    if tuple(state["a"].shape) != tuple(store.a.shape):
+        return False
+    store.a.copy_(state["a"])
+    if store.m is not None:
+        if state["m"] is None:
+            store.m.zero_()
+        else:
+            store.m.copy_(state["m"])
+    return True

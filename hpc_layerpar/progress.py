@@ -1,0 +1,42 @@
+"""What a run prints: one line per epoch for batch logs, a live bar only on a terminal."""
+from __future__ import annotations
+
+import math
+import sys
+
+
+class Progress:
+    """One line per epoch for batch logs; a live bar only when stdout is a terminal."""
+
+    def __init__(self, mode: str, enabled: bool):
+        self.enabled = enabled and mode != "off"
+        self.bar = self.enabled and mode == "auto" and sys.stdout.isatty()
+
+    def log(self, text: str):
+        if self.enabled:
+            if self.bar:
+                sys.stdout.write("\r\x1b[K")
+            print(text, flush=True)
+
+    def step(self, epoch, total_epochs_, step, steps, loss):
+        if self.bar:
+            width = 30
+            fill = int(width * step / steps)
+            sys.stdout.write(f"\r  epoch {epoch + 1}/{total_epochs_} [{'#' * fill}{'.' * (width - fill)}] "
+                             f"{step}/{steps} loss {loss:.4f}")
+            sys.stdout.flush()
+
+
+def epoch_line(row: dict, n_epochs: int) -> str:
+    acc = "" if math.isnan(row["test_acc"]) else \
+        f" test_loss {row['test_loss']:.4f} test_acc {100 * row['test_acc']:6.2f}%"
+    par = ""
+    if row["phase"] != "serial":
+        res = [r for r in row["residual"] if not math.isnan(r)]
+        par = (f" beta {row['beta']:.3g} residual {sum(res) / max(len(res), 1):.3g}"
+               f" wait {max(row['wait_seconds']):.2f}s")
+    sw = f" switch {row['switch_seconds']:.2f}s" if row["switch_seconds"] > 0.005 else ""
+    return (f"epoch {row['epoch'] + 1:4d}/{n_epochs} {row['phase']:7s} lr {row['lr']:.4f} "
+            f"train_loss {row['train_loss']:.4f} train_acc {100 * row['train_acc']:6.2f}%{acc}{par} "
+            f"time {row['epoch_seconds']:.2f}s (compute {max(row['compute_seconds']):.2f}s, "
+            f"comm {max(row['comm_seconds']):.2f}s){sw}")

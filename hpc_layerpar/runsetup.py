@@ -1,0 +1,108 @@
+"""Set-up steps of a run that every rank performs alike: device, threads, checks against the data,
+the stage split; user errors are agreed on so that all ranks fail together."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .auxstore import DTYPES
+from .config import Config, ConfigError
+from .costs import measure_costs, parse_cuts
+from .dataformat import DataError
+from .filters import DSFilter, check_boundaries
+from .partition import balanced_partition
+
+
+def resolve_device(spec: str, local_rank: int) -> torch.device:
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"run.device={spec!r} but this torch sees no CUDA device "
+                          f"(torch {torch.__version__}); use run.device=auto or cpu.")
+    if spec == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    idx = int(spec.split(":")[1])
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={spec!r} but only {torch.cuda.device_count()} CUDA devices exist.")
+    return torch.device("cuda", idx)
+
+
+def set_threads(threads: int, local_size: int) -> int:
+    if threads == 0:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        threads = max(1, cores // max(local_size, 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def check_fit(cfg: Config, data: DeviceDataset, comm: Comm) -> None:
+    """Configuration checks that need the dataset's shape."""
+    c, h, w = data.shape
+    if h != w or h % 4:
+        raise ConfigError(f"images of {data.name} are {h}x{w}; the models need square images whose side "
+                          "is divisible by 4. Re-create the dataset or pad it.")
+    if cfg.data.batch_size > data.n_train:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {data.n_train} training "
+                          f"images of {data.name}; use a smaller batch.")
+    if cfg.data.batch_size < comm.size:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is smaller than the {comm.size} ranks "
+                          "that share each batch; use a batch of at least one sample per rank.")
+
+
+def agree(comm: Comm, fn):
+    """Run a set-up step on every rank; if it fails with a user error on any rank, raise that error
+    on all ranks alike, so no rank waits in a collective for a peer that gave up."""
+    err = None
+    try:
+        result = fn()
+    except (ConfigError, DataError) as exc:
+        err, result = exc, None
+    errors = comm.allgather_obj(None if err is None else (type(err).__name__, str(err)))
+    for r, e in enumerate(errors):
+        if e is not None:
+            cls = ConfigError if e[0] == "ConfigError" else DataError
+            msg = e[1] if comm.size == 1 else f"{e[1]} (reported by rank {r})"
+            raise cls(msg)
+    return result
+
+
+def element_costs(model, pcfg, comm, batch_size: int, device) -> list[int]:
+    """Costs for the partitioner. Measured times are averaged over the ranks by one Allreduce, so
+    every rank gets bit-identical numbers and computes the same split."""
+    if pcfg.partition != "time":
+        return list(model.costs)
+    mine = measure_costs(model, batch_size, device)
+    return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
+
+
+def stage_ranges(model, k: int, pcfg, costs) -> list:
+    """The contiguous split for k ranks (balanced, or given), checked against the DS factor."""
+    try:
+        ranges = parse_cuts(pcfg.partition, len(model), k) or balanced_partition(costs, k)
+    except ValueError as exc:  # PartitionError is a ValueError
+        raise ConfigError(f"{exc} The parallel phases put one stage on each rank.") from None
+    ds = pcfg.ds
+    try:
+        check_boundaries(ds, [model.shapes[a] for a, _ in ranges[1:]])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return ranges
+
+
+def aux_bytes(model, ranges, n_train: int, pcfg, with_multipliers: bool) -> list:
+    """Bytes of auxiliary storage per rank (rank 0 owns no boundary)."""
+    filt = DSFilter(pcfg.ds)
+    size = DTYPES[pcfg.aux_dtype].itemsize
+    out = [0]
+    for a, _ in ranges[1:]:
+        c, h, w = filt.coarse_shape(model.shapes[a])
+        out.append(n_train * c * h * w * size * (2 if with_multipliers else 1))
+    return out

@@ -1,0 +1,113 @@
+"""Checkpoint and resume: an interrupted and resumed run ends with the same metrics and parameters
+as an uninterrupted one (bitwise on CPU); a SIGKILLed rank leaves a readable metrics file and a
+usable checkpoint; a checkpoint resumes at another rank count."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
+from hpc_layerpar.metrics import read_metrics
+
+pytestmark = pytest.mark.spawns
+
+PHASES = "(penalty:3,serial:1)x3"
+SAME = ["train_loss", "train_acc", "test_loss", "test_acc", "local_loss", "residual", "beta", "lr", "phase"]
+
+
+def args(data, out, name, *extra):
+    sets = [f"data.path={data}", "data.batch_size=16", "model.depth=8", f"train.phases={PHASES}",
+            "parallel.beta=0.02", "parallel.partition=macs", "run.threads=1", f"run.out_dir={out}",
+            f"run.name={name}", "run.checkpoint_every=0", *extra]
+    return ["train", "--preset", "digits-resnet-penalty"] + [x for s in sets for x in ("--set", s)]
+
+
+def final_model(ckpt_dir):
+    latest = open(os.path.join(ckpt_dir, "latest")).read().strip()
+    return torch.load(os.path.join(ckpt_dir, latest, "model.pt"), weights_only=True)
+
+
+def assert_same_run(a_path, b_path, a_ckpt, b_ckpt):
+    a, b = read_metrics(a_path)["columns"], read_metrics(b_path)["columns"]
+    assert list(a["epoch"]) == list(b["epoch"]) == list(range(12)), "no epoch lost or written twice"
+    for col in SAME:
+        assert np.array_equal(a[col], b[col], equal_nan=a[col].dtype.kind == "f"), col
+    ma, mb = final_model(a_ckpt), final_model(b_ckpt)
+    for k in ma["model"]:
+        assert torch.equal(ma["model"][k], mb["model"][k]), k
+    assert all(torch.equal(x, y) for x, y in zip(ma["momentum"], mb["momentum"]))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run (final checkpoint only)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    data = make_dataset(tmp / "d.h5", n_train=256)
+    p = run_cli(args(data, tmp / "runs", "ref", "run.checkpoint_every=12"), n=2)
+    assert p.returncode == 0, p.stderr
+    (path,) = (tmp / "runs").glob("ref-*.h5")
+    return data, str(path), str(tmp / "runs" / "ref.ckpt")
+
+
+def test_sigusr1_checkpoints_and_resume_equals_uninterrupted(reference, tmp_path):
+    data, ref_path, ref_ckpt = reference
+    out = tmp_path / "runs"
+    cmd = mpiexec_cmd(2) + [sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar"] + \
+        args(data, out, "sig", "run.checkpoint_every=12")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch    2/12"):
+            proc.send_signal(signal.SIGUSR1)  # mpiexec forwards it to every rank
+    proc.wait(timeout=120)
+    log = "".join(lines)
+    assert proc.returncode == 75, (log, proc.stderr.read())
+    assert "stopped by a signal after epoch" in log and "resume with --resume auto" in log
+    stopped = int(log.split("stopped by a signal after epoch ")[1].split(";")[0])
+    assert 2 <= stopped < 12
+    (path,) = out.glob("sig-*.h5")
+    assert read_metrics(str(path))["attrs"]["status"] == "checkpointed"
+    p = run_cli(args(data, out, "sig", "run.checkpoint_every=12") + ["--resume", "auto"], n=2)
+    assert p.returncode == 0, p.stderr
+    assert f"resumed from" in p.stdout and f"at epoch {stopped + 1}" in p.stdout
+    m = read_metrics(str(path))
+    assert m["attrs"]["status"] == "completed" and '"epoch": %d' % stopped in m["attrs"]["resumes"]
+    assert_same_run(ref_path, str(path), ref_ckpt, str(out / "sig.ckpt"))
+
+
+def test_sigkilled_rank_leaves_readable_metrics_and_usable_checkpoint(reference, tmp_path):
+    data, ref_path, ref_ckpt = reference
+    out = tmp_path / "runs"
+    # epoch 5 (0-based) is the middle of the second penalty phase: resuming there reloads the
+    # auxiliary variables of the same split instead of re-sweeping
+    p = run_cli(args(data, out, "kill", "run.checkpoint_every=1", "debug.kill_rank=1", "debug.kill_epoch=6"), n=2)
+    assert p.returncode != 0
+    (path,) = out.glob("kill-*.h5")
+    m = read_metrics(str(path))
+    assert list(m["columns"]["epoch"]) == list(range(6)) and m["attrs"]["status"] == "running"
+    assert open(out / "kill.ckpt" / "latest").read().strip() == "epoch-000005"
+    p = run_cli(args(data, out, "kill", "run.checkpoint_every=1") + ["--resume", "auto"], n=2)
+    assert p.returncode == 0, p.stderr
+    assert_same_run(ref_path, str(path), ref_ckpt, str(out / "kill.ckpt"))
+
+
+def test_resume_at_another_rank_count_rebuilds_auxiliary_variables(reference, tmp_path):
+    data, _, _ = reference
+    out = tmp_path / "runs"
+    p = run_cli(args(data, out, "k", "run.checkpoint_every=1", "debug.fail_rank=0", "debug.fail_epoch=5"), n=2)
+    assert p.returncode != 0
+    ckpt = out / "k.ckpt" / "epoch-000004"
+    p = run_cli(args(data, out, "k") + ["--resume", str(ckpt)], n=3)
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in p.stdout and "at epoch 6" in p.stdout
+    new = [f for f in out.glob("k-*.h5") if read_metrics(str(f))["attrs"]["world_size"] == 3]
+    assert len(new) == 1
+    m = read_metrics(str(new[0]))
+    assert list(m["columns"]["epoch"]) == list(range(5, 12)) and m["attrs"]["continues"]
+    assert m["columns"]["switch_seconds"][0] > 0, "the forward sweep rebuilt the auxiliary variables"
