@@ -245,19 +245,22 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
                 eval_s = time.perf_counter() - t1
                 final = test_acc
                 best = test_acc if math.isnan(best) else max(best, test_acc)
-            per_rank = comm.gather_obj((st.compute_seconds, *counters, epoch_s, switch_bytes,
-                                        *local, st.train_loss, st.train_acc))
+            comm_s, wait_s, sent, recv = counters
+            mine = {"compute_seconds": st.compute_seconds, "comm_seconds": comm_s, "wait_seconds": wait_s,
+                    "bytes_sent": sent, "bytes_recv": recv, "epoch_seconds": epoch_s,
+                    "switch_bytes_sent": switch_bytes, "local_loss": local[0], "residual": local[1],
+                    "multiplier_norm": local[2], "train_loss": st.train_loss, "train_acc": st.train_acc}
+            per_rank = comm.gather_obj(mine)
             if comm.rank == 0:
-                cols = list(zip(*per_rank))
-                # serial: every rank has the same figures; parallel: the relaxed network's CE is the last rank's
-                train_loss, train_acc = cols[-2][-1], cols[-1][-1]
+                col = {k: [r[k] for r in per_rank] for k in mine}
                 row = {"epoch": epoch, "phase": phase.method, "phase_index": pidx, "lr": lr_fn(epoch),
-                       "beta": beta, "train_loss": train_loss, "train_acc": train_acc,
-                       "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": max(cols[6]),
-                       "switch_seconds": switch_s, "eval_seconds": eval_s, "compute_seconds": cols[0],
-                       "comm_seconds": cols[1], "wait_seconds": cols[2], "bytes_sent": cols[3],
-                       "bytes_recv": cols[4], "switch_bytes_sent": cols[7], "local_loss": cols[8],
-                       "residual": cols[9], "multiplier_norm": cols[10]}
+                       "beta": beta, "test_loss": test_loss, "test_acc": test_acc,
+                       "switch_seconds": switch_s, "eval_seconds": eval_s,
+                       "epoch_seconds": max(col.pop("epoch_seconds")),
+                       # serial: every rank has the same figures; parallel: the relaxed network's
+                       # CE lives on the last rank
+                       "train_loss": col.pop("train_loss")[-1], "train_acc": col.pop("train_acc")[-1],
+                       **col}
                 writer.append(row)
                 progress.log(epoch_line(row, n_epochs))
             stopping = bool(comm.allreduce_array([stop.requested], "max")[0]) and epoch < n_epochs - 1

@@ -69,9 +69,13 @@ def world():
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """Every rank writes its own copy (same seed, same bytes): no shared file system needed."""
-    return make_dataset(tmp_path_factory.mktemp("data") / "tiny.h5")
+def tiny_data(tmp_path_factory, world):
+    """Written once by rank 0 and shared (the ranks of these tests run on one machine), so every
+    rank resolves the same configuration."""
+    path = make_dataset(tmp_path_factory.mktemp("data") / "tiny.h5") if world.rank == 0 else None
+    path = world.bcast_obj(path)
+    world.barrier()
+    return path
 
 
 def assert_all(comm, ok: bool, msg: str):

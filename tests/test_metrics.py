@@ -1,5 +1,6 @@
 import math
 import os
+import time
 
 import h5py
 import numpy as np
@@ -48,6 +49,41 @@ def test_readme_documents_every_column():
     text = open(os.path.join(ROOT, "README.md")).read()
     missing = [c for c in COLUMNS if f"`{c}`" not in text]
     assert not missing, f"README's metrics schema lacks {missing}"
+
+
+@pytest.mark.mpi
+def test_parallel_epochs_fill_every_column_with_its_meaning(world, tiny_data, tmp_path_factory):
+    out = world.bcast_obj(str(tmp_path_factory.mktemp("runs")) if world.rank == 0 else None)
+    cfg = resolve("digits-resnet-al", None, [
+        f"data.path={tiny_data}", "data.batch_size=16", "model.depth=8", "train.phases=al:2,serial:1",
+        "parallel.beta=0.02", "parallel.partition=macs", f"run.out_dir={out}", "run.name=cols",
+        "run.progress=off", "run.threads=1"])
+    t0 = time.perf_counter()
+    s = run(cfg, world, quiet=True)
+    wall = time.perf_counter() - t0
+    ok, msg = True, ""
+    if world.rank == 0:
+        c = read_metrics(s.metrics_path)["columns"]
+        k = world.size
+        par, ser = slice(0, 2), 2
+        checks = {
+            "epoch time is a duration": bool((c["epoch_seconds"] > 0).all() and (c["epoch_seconds"] < wall).all()),
+            "switch time on phase entries": k == 1 or c["switch_seconds"][0] > 10 * c["switch_seconds"][1],
+            "beta in parallel epochs only": list(c["beta"][par]) == [0.02, 0.02] and math.isnan(c["beta"][ser]),
+            "residual NaN at rank 0": bool(np.isnan(c["residual"][par, 0]).all()),
+            "residual > 0 at boundaries": k == 1 or bool((c["residual"][par, 1:] > 0).all()),
+            "multipliers > 0 at boundaries (AL)": k == 1 or bool((c["multiplier_norm"][1, 1:] > 0).all()),
+            "local loss finite in parallel": bool(np.isfinite(c["local_loss"][par]).all()),
+            "local loss NaN in serial": bool(np.isnan(c["local_loss"][ser]).all()),
+            "bytes follow the direction of messages": k == 1 or bool((c["bytes_sent"][par] > 0).all()),
+            "sweep traffic counted at the switch": k == 1 or bool(c["switch_bytes_sent"][0, :-1].min() > 0),
+            "wait <= comm": bool((c["wait_seconds"] <= c["comm_seconds"] + 1e-9).all()),
+            "train loss is a CE": bool((c["train_loss"] > 0).all() and (c["train_loss"] < 10).all()),
+        }
+        ok, msg = all(checks.values()), str({k_: v for k_, v in checks.items() if not v})
+    ok = world.bcast_obj(ok)
+    msg = world.bcast_obj(msg)
+    assert_all(world, ok, msg)
 
 
 @pytest.mark.mpi

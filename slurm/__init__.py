@@ -1,0 +1,1 @@
+"""SLURM job generation for hpc_layerpar (site file + template + sweep generator)."""
