@@ -3,4 +3,9 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+if code:
+    from .comm import finalize_and_exit
+
+    finalize_and_exit(code)
+sys.exit(0)

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         if isinstance(exc, SystemExit) and not exc.code:
             raise
         abort_job(exc)
-    if summary.stopped_at is not None and not summary.requeued:
+    if summary.stopped_at is not None:
         from .train import EXIT_CHECKPOINTED
         return EXIT_CHECKPOINTED
     return 0

@@ -68,12 +68,15 @@ class Comm:
     Tensors on CUDA devices are staged through pinned host buffers unless `cuda_aware` is set,
     so the same code is correct on any MPI; CPU tensors go to MPI as zero-copy numpy views."""
 
-    def __init__(self, mpi_comm=None, cuda_aware: bool = False):
+    def __init__(self, mpi_comm=None, cuda_aware: bool = False, stage_all: bool = False):
         base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
         self.mpi = base.Dup()
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
         self.cuda_aware = cuda_aware
+        # stage_all: CPU tensors take the host-staging path too (copy in, MPI, copy out), which is
+        # how the staging code of GPU runs without CUDA-aware MPI is tested on machines without GPUs.
+        self.stage_all = stage_all
         self.counters = Counters()
         self._staging: dict = {}
         node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
@@ -92,13 +95,15 @@ class Comm:
     def _host(self, t: torch.Tensor, key, copy_in: bool = True):
         """(buffer for MPI, staging tensor or None): a numpy view of `t` (CPU), the device tensor
         itself (CUDA-aware MPI), or a cached pinned host copy (CUDA without CUDA-aware MPI)."""
-        if t.device.type == "cpu":
+        if t.device.type == "cpu" and not self.stage_all:
             return _numpy(t), None
-        if self.cuda_aware:
-            return t, None
+        if t.device.type == "cuda" and self.cuda_aware:
+            # mpi4py takes CUDA buffers through DLPack / __cuda_array_interface__; bfloat16 goes
+            # as raw 16-bit words, which every MPI datatype table knows.
+            return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t), None
         buf = self._staging.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
             self._staging[key] = buf
         if copy_in:
             buf.copy_(t)
@@ -197,6 +202,24 @@ class Comm:
             self.mpi.Free()
 
 
+def detect_cuda_aware() -> bool:
+    """Ask the MPI library (MPIX_Query_cuda_support: Open MPI with CUDA, MPICH >= 4 with
+    MPIR_CVAR_ENABLE_GPU=1) whether it takes device buffers; False when it cannot be asked."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = sorted({ln.split()[-1] for ln in fh if "libmpi" in ln and ln.split()[-1].startswith("/")})
+        for path in libs:
+            fn = getattr(ctypes.CDLL(path), "MPIX_Query_cuda_support", None)
+            if fn is not None:
+                fn.restype = ctypes.c_int
+                return bool(fn())
+    except OSError:
+        pass
+    return False
+
+
 def world_rank() -> int:
     return MPI.COMM_WORLD.Get_rank()
 
@@ -213,10 +236,28 @@ def hostname() -> str:
     return socket.gethostname()
 
 
+def finalize_and_exit(code: int) -> None:
+    """A controlled non-zero exit taken by every rank alike (bad config, stop after a checkpoint):
+    finalize MPI properly, so no shared-memory segment outlives the job (a requeued job step with
+    the same id would trip over it), then exit with `code` without mpi4py's abort-at-exit."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if MPI.Is_initialized() and not MPI.Is_finalized():
+        MPI.COMM_WORLD.Barrier()
+        MPI.Finalize()
+    os._exit(code)
+
+
 def abort_job(exc: BaseException, code: int = 1) -> None:
     """Print the failure with its rank, then take every rank down: never leave peers hanging."""
     rank = MPI.COMM_WORLD.Get_rank()
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sys.stderr.write(f"[rank {rank}] aborting the job after an error:\n{tb}")
     sys.stderr.flush()
+    sys.stdout.flush()
+    # The launcher forwards our output asynchronously and stops forwarding once the abort tears
+    # the job down: give it a moment, or the one message that explains the failure can be lost.
+    time.sleep(1.0)
     MPI.COMM_WORLD.Abort(code)

@@ -75,10 +75,10 @@ class RunConfig:
     out_dir: str = "runs"
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     threads: int = 0            # torch threads per rank; 0: cores per node / ranks per node
+    cuda_aware: str = "auto"    # GPU tensors straight to MPI: auto (ask the MPI library) | on | off (stage via pinned host memory)
     progress: str = "auto"      # auto: a live bar on a terminal, lines otherwise | lines | off
     checkpoint_every: int = 0   # epochs between checkpoints (0: only on SIGUSR1/SIGTERM)
     checkpoint_dir: str = ""    # empty: <out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
-    requeue: bool = True        # after a signal checkpoint inside a SLURM job: scontrol requeue
 
 
 @dataclass(frozen=True)
@@ -336,6 +336,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
     _positive("run.threads", r.threads, strict=False)
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
+    _choice("run.cuda_aware", r.cuda_aware, ("auto", "on", "off"))
     pc = cfg.parallel
     _positive("parallel.beta", pc.beta)
     if pc.beta_growth < 1:

@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 
@@ -14,7 +13,7 @@ import torch
 
 from . import checkpoint as C
 from . import metrics as M
-from .comm import Comm, hostname, library_version
+from .comm import Comm, detect_cuda_aware, hostname, library_version
 from .config import Config, ConfigError
 from .data import DeviceDataset, make_augment
 from .models import count_parameters, model_from_config
@@ -26,7 +25,9 @@ from .schedule import PARALLEL, lr_at, parallel_epochs_before, parse_phases, pha
 from .serial import SerialEngine, make_optimizer
 from .sweep import evaluate, forward_sweep, recalibrate_bn, share_stages
 
-EXIT_CHECKPOINTED = 75  # EX_TEMPFAIL: stopped by a signal after a checkpoint; resume with --resume
+# EX_TEMPFAIL: stopped by a signal after a checkpoint. The SLURM template requeues the job on it
+# (after the ranks have left MPI cleanly); elsewhere, run again with --resume auto.
+EXIT_CHECKPOINTED = 75
 
 
 @dataclass
@@ -38,7 +39,6 @@ class Summary:
     epochs: int
     stopped_at: int | None = None   # epoch after which a signal stopped the run (checkpointed)
     checkpoint: str | None = None
-    requeued: bool = False
 
 
 class StopRequest:
@@ -76,17 +76,6 @@ def check_same_config(cfg: Config, comm: Comm) -> None:
                           "command line and files.")
 
 
-def _requeue() -> bool:
-    job = os.environ.get("SLURM_JOB_ID")
-    if not job:
-        return False
-    try:
-        p = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return p.returncode == 0
-
-
 def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str | None = None) -> Summary:
     """resume: None (fresh start), "auto" (the latest checkpoint in the run's checkpoint folder if
     there is one, else a fresh start) or the path of a checkpoint folder."""
@@ -122,6 +111,9 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
         return device, threads, data, model, src
 
     device, threads, data, model, src = agree(comm, setup)
+    if device.type == "cuda":
+        comm.cuda_aware = {"on": True, "off": False}.get(cfg.run.cuda_aware) if cfg.run.cuda_aware != "auto" \
+            else all(comm.allgather_obj(detect_cuda_aware()))
     opt = make_optimizer(model, cfg.optim)
     meta = None
     if src is not None:
@@ -166,6 +158,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             "dataset": data.name, "dataset_path": os.path.abspath(cfg.data.path),
             "n_train": data.n_train, "n_test": data.n_test, "phases": cfg.train.phases,
             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "checkpoint_dir": os.path.abspath(ckpt_dir),
+            "cuda_aware_mpi": str(comm.cuda_aware).lower() if device.type == "cuda" else "n/a (cpu)",
             **extra})
         old = meta.get("metrics_path") if meta else None
         if old and os.path.exists(old) and meta["world_size"] == comm.size:
@@ -199,7 +192,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             comm.counters.reset()
             comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
             if epoch == cfg.debug.fail_epoch and comm.rank == cfg.debug.fail_rank:
-                raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank)")
+                raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank) "
+                                   f"at unix time {time.time():.3f}")
             if epoch == cfg.debug.kill_epoch and comm.rank == cfg.debug.kill_rank:
                 os.kill(os.getpid(), signal.SIGKILL)
             t_sw = time.perf_counter()
@@ -277,16 +271,13 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
                 progress.log(f"checkpoint: {saved}")
             if stopping:
                 wall = time.perf_counter() - t_start
-                requeued = False
                 if comm.rank == 0:
                     writer.set_attrs(status="checkpointed", wall_seconds_last_segment=wall)
-                    requeued = cfg.run.requeue and _requeue()
                     progress.log(f"stopped by a signal after epoch {epoch + 1}; checkpoint {saved}; "
-                                 + ("job requeued" if requeued else "resume with --resume auto"))
-                requeued = comm.bcast_obj(requeued)
+                                 f"exit code {EXIT_CHECKPOINTED}: resume with --resume auto "
+                                 "(the SLURM template requeues the job)")
                 return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best,
-                               wall_seconds=wall, epochs=n_epochs, stopped_at=epoch, checkpoint=saved,
-                               requeued=requeued)
+                               wall_seconds=wall, epochs=n_epochs, stopped_at=epoch, checkpoint=saved)
     wall = time.perf_counter() - t_start
     if comm.rank == 0:
         writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=final,

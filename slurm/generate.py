@@ -19,7 +19,8 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = {"digits": "resnet", "mnist": "resnet", "cifar10": "resnet56", "cifar100": "resnet56"}
-LAUNCHERS = {"srun": "srun", "mpirun": "mpirun -n $SLURM_NTASKS", "mpiexec": "mpiexec -n $SLURM_NTASKS"}
+# srun --kill-on-bad-exit: a rank that dies takes the whole step down instead of leaving its peers waiting
+LAUNCHERS = {"srun": "srun --kill-on-bad-exit=1", "mpirun": "mpirun -n $SLURM_NTASKS", "mpiexec": "mpiexec -n $SLURM_NTASKS"}
 SITE_KEYS = {"partition", "account", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_task", "time",
              "signal_lead_s", "checkpoint_every", "launcher", "launcher_args", "python", "workdir", "setup",
              "env"}
@@ -76,7 +77,7 @@ def render(site: dict, *, dataset: str, model: str, method: str, ranks: int, see
         setup="\n".join(site["setup"]), workdir=shlex.quote(workdir),
         env="\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in (site["env"] or {}).items()),
         launcher=(LAUNCHERS[site["launcher"]] + (" " + site["launcher_args"] if site["launcher_args"] else "")),
-        python=site["python"], preset=preset, out_dir="runs", checkpoint_every=site["checkpoint_every"],
+        launcher_kind=site["launcher"], python=site["python"], preset=preset, out_dir="runs", checkpoint_every=site["checkpoint_every"],
         sets="".join(f" \\\n    --set {shlex.quote(s)}" for s in all_sets))
     return name, text
 
