@@ -25,13 +25,19 @@ class AuxStore:
     bfloat16; rows are gathered and scattered by training-sample id. Arithmetic is float32."""
 
     def __init__(self, n: int, shape: tuple, *, dtype: str, device: torch.device, location: str,
-                 multipliers: bool):
+                 multipliers: bool, ids: torch.Tensor | None = None):
+        """ids: the sample ids this store holds (a replica's shard); None: all n samples."""
         self.shape, self.dtype = tuple(shape), DTYPES[dtype]
         self.device = device
         if location == "device":
             self.home, pin = device, False
         else:  # host: keeps accelerator memory free; pinned so copies to the GPU are asynchronous
             self.home, pin = torch.device("cpu"), device.type == "cuda"
+        self.row_of = None
+        if ids is not None:  # sample id -> row of this (smaller) table
+            self.row_of = torch.full((n,), -1, dtype=torch.long, device=self.home)
+            self.row_of[ids.to(self.home)] = torch.arange(len(ids), device=self.home)
+            n = len(ids)
         self.a = torch.zeros((n,) + self.shape, dtype=self.dtype, device=self.home, pin_memory=pin)
         self.m = (torch.zeros_like(self.a, pin_memory=pin) if pin else torch.zeros_like(self.a)) \
             if multipliers else None
@@ -42,7 +48,8 @@ class AuxStore:
         return one * (2 if self.m is not None else 1)
 
     def _idx(self, idx):
-        return idx.to(self.home)
+        idx = idx.to(self.home)
+        return idx if self.row_of is None else self.row_of[idx]
 
     def gather(self, idx, which="a") -> torch.Tensor:
         t = self.a if which == "a" else self.m
@@ -53,6 +60,7 @@ class AuxStore:
         t[self._idx(idx)] = values.to(self.home, self.dtype)
 
     def set_rows(self, lo: int, hi: int, values) -> None:
+        """Rows lo:hi of the table (in the store's own row order, i.e. its ids in order)."""
         self.a[lo:hi] = values.to(self.home, self.dtype)
 
     def reset_multipliers(self) -> None:

@@ -67,6 +67,7 @@ class ParallelConfig:
     aux_location: str = "device"     # device | host (pinned when the device is a GPU)
     bn_batches: int = 20        # training batches used to re-estimate BatchNorm statistics
     partition: str = "time"     # time (measured per element) | macs (analytic) | cut indices "4,9"
+    replicas: int = 1           # R: world = K stages x R replicas in the parallel phase (data x layer)
 
 
 @dataclass(frozen=True)
@@ -351,6 +352,10 @@ def validate(cfg: Config) -> None:
     _choice("parallel.aux_dtype", pc.aux_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_location", pc.aux_location, ("device", "host"))
     _positive("parallel.bn_batches", pc.bn_batches)
+    _positive("parallel.replicas", pc.replicas)
+    if d.batch_size % pc.replicas:
+        raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas="
+                          f"{pc.replicas} (each replica takes batch_size / R samples per step).")
     if pc.partition not in ("time", "macs") and not all(
             c.strip().isdigit() for c in pc.partition.split(",")):
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")

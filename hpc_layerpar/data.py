@@ -17,7 +17,7 @@ def _cpu_generator(*parts: int) -> torch.Generator:
 
 
 # Streams keep the random draws of unrelated uses apart for the same (seed, epoch).
-STREAM_PERMUTATION, STREAM_AUGMENT, STREAM_CALIBRATION = 1, 2, 3
+STREAM_PERMUTATION, STREAM_AUGMENT, STREAM_CALIBRATION, STREAM_SHARD = 1, 2, 3, 4
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -34,6 +34,21 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: boo
     perm = epoch_permutation(n, seed, epoch)
     stop = (n // batch_size) * batch_size if drop_last else n
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+def replica_shard(n: int, replicas: int, replica: int, seed: int) -> torch.Tensor:
+    """The training-sample ids a replica owns in the parallel phase (a fixed random deal, so each
+    replica sees every class); sorted, so its auxiliary table is in id order."""
+    deal = torch.randperm(n, generator=_cpu_generator(seed, 0, STREAM_SHARD))
+    return deal[replica::replicas].sort().values
+
+
+def replica_batches(shard: torch.Tensor, sub_batch: int, steps: int, seed: int, epoch: int,
+                    replica: int) -> list[torch.Tensor]:
+    """A replica's sub-batches for an epoch: its shard in a per-(seed, epoch, replica) order; every
+    replica takes the same number of steps, so their gradients can be averaged step by step."""
+    order = shard[torch.randperm(len(shard), generator=_cpu_generator(seed, epoch, STREAM_SHARD, replica))]
+    return [order[j * sub_batch:(j + 1) * sub_batch] for j in range(steps)]
 
 
 def shard_range(n: int, parts: int, index: int) -> tuple[int, int]:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from .auxstore import DTYPES, AuxStore, al_update, penalty_update
-from .data import epoch_batches
+from .data import epoch_batches, replica_batches
 from .filters import DSFilter
-from .serial import sync_device
+from .serial import GradBucket, sync_device
 
 PARALLEL_METHODS = ("penalty", "al")
 
@@ -42,7 +42,11 @@ class ParallelEngine:
     """One parallel phase on one rank of the pipeline communicator `comm` (size K = stages)."""
 
     def __init__(self, model, optimizer, comm, data, ranges, pcfg, *, method: str, batch_size: int,
-                 drop_last: bool, seed: int):
+                 drop_last: bool, seed: int, replica_comm=None, shard=None):
+        """comm: the pipeline (this replica's K ranks). With R > 1 replicas, replica_comm joins the
+        ranks of the same stage and `shard` holds the sample ids this replica owns: it steps on
+        sub-batches of batch_size / R from its shard and averages the stage's gradients over the
+        replicas every step, so the R replicas together take the steps of one global batch."""
         if method not in PARALLEL_METHODS:
             raise ValueError(f"unknown parallel method {method!r}")
         if len(ranges) != comm.size:
@@ -64,14 +68,23 @@ class ParallelEngine:
         if not self.first:
             self.store = AuxStore(data.n_train, self.filter.coarse_shape(self.in_shape),
                                   dtype=pcfg.aux_dtype, device=self.device, location=pcfg.aux_location,
-                                  multipliers=(method == "al"))
+                                  multipliers=(method == "al"), ids=shard)
         self.params = stage_params(model, self.start, self.end)
-        self.owned = {id(p) for p in self.params}
+        self.replica_comm, self.shard = replica_comm, shard
+        self.replicas = 1 if replica_comm is None else replica_comm.size
+        self.sub_batch = batch_size // self.replicas
+        self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 else None
 
     # ---- helpers -------------------------------------------------------------------------
     def _slots(self, shape):
-        return [torch.empty((self.batch_size,) + tuple(shape), dtype=self.msg_dtype, device=self.device)
+        return [torch.empty((self.sub_batch,) + tuple(shape), dtype=self.msg_dtype, device=self.device)
                 for _ in range(self.window)]
+
+    def batches(self, epoch: int) -> list:
+        if self.shard is None:
+            return epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
+        steps = (self.data.n_train // self.replicas) // self.sub_batch  # the smallest shard decides
+        return replica_batches(self.shard, self.sub_batch, steps, self.seed, epoch, self.replica_comm.rank)
 
     def targets_for(self, idx, beta: float) -> torch.Tensor:
         """What rank k-1 aims D(u) at: a_k (penalty) or a_k - m_k/beta (AL, completed square)."""
@@ -91,7 +104,9 @@ class ParallelEngine:
         model.train()
         for p in model.parameters():  # only this stage's parameters get gradients and steps
             p.grad = None
-        batches = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
+        if self.bucket is not None:
+            self.bucket.attach()
+        batches = self.batches(epoch)
         nb = len(batches)
         t_epoch = time.perf_counter()
         comm_before = comm.counters.comm_seconds
@@ -172,8 +187,15 @@ class ParallelEngine:
             else:
                 d = self.filter.down(u)
                 loss = F.mse_loss(d, target, reduction="sum") * (0.5 * beta / n)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if self.bucket is None:
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:
+                self.bucket.zero()
+                loss.backward()
+                # the mean over the R sub-batches = the gradient of the global batch
+                self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
+                self.bucket.flat /= self.replicas
             self.opt.step()
             sums["local"] += float(loss.detach()) * n
             sums["n"] += n

@@ -75,15 +75,17 @@ class _KeepRunningStats:
 
 
 @torch.no_grad()
-def forward_sweep(model, ranges, comm, data, store, filt, batch_size: int) -> None:
+def forward_sweep(model, ranges, comm, data, store, filt, batch_size: int, ids=None) -> None:
     """Initialise a_k = D(x_k) for every training sample by a pipelined forward pass of the current
     network over the un-augmented training set: rank k-1 sends the full-resolution x_k to rank k,
-    which stores D(x_k) and carries on (ALGORITHM.md s.4)."""
+    which stores D(x_k) and carries on (ALGORITHM.md s.4). ids: the samples to sweep, in the
+    store's row order (a replica's shard); None: all of them."""
     k, last = comm.rank, comm.rank == comm.size - 1
     start, end = ranges[k]
     prev, nxt = comm.neighbours()
     model.train()
-    n = data.n_train
+    ids = torch.arange(data.n_train) if ids is None else ids
+    n = len(ids)
     out_shape = None if last else model.shapes[end]
     bufs, reqs = [], [None, None]
     if not last:
@@ -92,7 +94,7 @@ def forward_sweep(model, ranges, comm, data, store, filt, batch_size: int) -> No
         for b, lo in enumerate(range(0, n, batch_size)):
             hi = min(lo + batch_size, n)
             if k == 0:
-                x = data.normalise(data.train_x[lo:hi])
+                x = data.normalise(data.train_x[ids[lo:hi].to(data.device)])
             else:
                 x = torch.empty((hi - lo,) + tuple(model.shapes[start]), device=data.device)
                 comm.irecv(x, prev, tag=b, key="sweep").wait()

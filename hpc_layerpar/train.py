@@ -15,7 +15,7 @@ from . import checkpoint as C
 from . import metrics as M
 from .comm import Comm, detect_cuda_aware, hostname, library_version
 from .config import Config, ConfigError
-from .data import DeviceDataset, make_augment
+from .data import DeviceDataset, make_augment, replica_shard
 from .models import count_parameters, model_from_config
 from .parallel import ParallelEngine, beta_for_epoch
 from .partition import stage_costs
@@ -119,15 +119,31 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
     if src is not None:
         meta = C.load_meta(src)
         C.load_model(src, model, opt)
-    ranges = costs = None
+    ranges = costs = shard = reps = None
+    pipe = comm
     same_split = False
+    R = cfg.parallel.replicas
+    sub_batch = cfg.data.batch_size // R
     if any_parallel:
-        same_split = bool(meta is not None and meta.get("world_size") == comm.size and meta.get("stage_ranges"))
+        def check_replicas():
+            if comm.size % R:
+                raise ConfigError(f"{comm.size} ranks cannot form parallel.replicas={R} pipelines of equal "
+                                  f"length; run a multiple of {R} ranks or change parallel.replicas.")
+        agree(comm, check_replicas)
+        if R > 1:  # world = R replicas x K stages; a replica's K ranks are consecutive (likely one node)
+            k_stages = comm.size // R
+            replica, stage = divmod(comm.rank, k_stages)
+            pipe, reps = comm.split(replica, stage), comm.split(stage, replica)
+            pipe.counters = reps.counters = comm.counters  # one account of this rank's traffic
+            pipe.cuda_aware = reps.cuda_aware = comm.cuda_aware
+            shard = replica_shard(data.n_train, R, replica, cfg.train.seed)
+        same_split = bool(meta is not None and meta.get("world_size") == comm.size
+                          and meta.get("replicas", 1) == R and meta.get("stage_ranges"))
         if same_split:  # the split the run started with: a re-measured one could differ
             costs, ranges = meta["element_costs"], [tuple(r) for r in meta["stage_ranges"]]
         else:
-            costs = element_costs(model, cfg.parallel, comm, cfg.data.batch_size, device)
-            ranges = agree(comm, lambda: stage_ranges(model, comm.size, cfg.parallel, costs))
+            costs = element_costs(model, cfg.parallel, comm, sub_batch, device)
+            ranges = agree(comm, lambda: stage_ranges(model, pipe.size, cfg.parallel, costs))
     augment = make_augment(cfg.data, data, cfg.train.seed)
     serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
                           drop_last=cfg.data.drop_last, seed=cfg.train.seed)
@@ -144,12 +160,12 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
     hosts = comm.allgather_obj(hostname())
     devices = comm.allgather_obj(str(device) + ("" if device.type != "cuda" else
                                                 f" ({torch.cuda.get_device_name(device)})"))
-    aux_sizes = aux_bytes(model, ranges, data.n_train, pc, "al" in methods) if ranges else None
+    aux_sizes = aux_bytes(model, ranges, -(-data.n_train // R), pc, "al" in methods) if ranges else None
     writer = path = None
     if comm.rank == 0:
         extra = {}
         if ranges is not None:
-            extra = {"stage_ranges": [list(r) for r in ranges], "element_costs": costs,
+            extra = {"stage_ranges": [list(r) for r in ranges], "element_costs": costs, "replicas": R,
                      "partition": pc.partition, "stage_costs": stage_costs(costs, ranges),
                      "aux_bytes": aux_sizes}
         attrs = M.provenance({
@@ -200,18 +216,18 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             new_phase = epoch == starts[pidx]
             if phase.method == "serial":
                 if par is not None or (new_phase and pidx > 0 and phases[pidx - 1].method in PARALLEL):
-                    share_stages(model, ranges, comm, opt)  # every rank gets the whole network
+                    share_stages(model, ranges, pipe, opt)  # every rank gets the whole network
                 par = None  # frees the auxiliary variables
             elif new_phase or par is None:
-                par = ParallelEngine(model, opt, comm, data, ranges, pc, method=phase.method,
+                par = ParallelEngine(model, opt, pipe, data, ranges, pc, method=phase.method,
                                      batch_size=cfg.data.batch_size, drop_last=cfg.data.drop_last,
-                                     seed=cfg.train.seed)
+                                     seed=cfg.train.seed, replica_comm=reps, shard=shard)
                 # Resuming inside a parallel phase: reuse the saved auxiliary variables only with
                 # the identical split; otherwise (another K) the forward sweep rebuilds them.
                 reuse = not new_phase and same_split
                 loaded = C.load_aux(src, comm.rank, par.store) if reuse and par.store is not None else reuse
                 if not all(comm.allgather_obj(loaded)):  # a collective decision: the sweep is collective
-                    forward_sweep(model, ranges, comm, data, par.store, par.filter, cfg.data.batch_size)
+                    forward_sweep(model, ranges, pipe, data, par.store, par.filter, sub_batch, ids=shard)
             switch_s = time.perf_counter() - t_sw
             switch_bytes = comm.counters.bytes_sent
             comm.counters.reset()
@@ -233,7 +249,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
                 t1 = time.perf_counter()
                 if phase.method != "serial":
                     # The true network G: gather the stages, re-estimate BatchNorm, then evaluate.
-                    share_stages(model, ranges, comm)
+                    share_stages(model, ranges, pipe)
                     recalibrate_bn(model, data, comm, pc.bn_batches, cfg.data.batch_size, cfg.train.seed)
                 test_loss, test_acc = evaluate(model, data, comm, cfg.data.eval_batch_size)
                 eval_s = time.perf_counter() - t1
@@ -261,10 +277,11 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             every = cfg.run.checkpoint_every
             if stopping or (every and (epoch + 1) % every == 0) or (every and epoch == n_epochs - 1):
                 if par is not None:
-                    share_stages(model, ranges, comm, opt)  # the whole network, rank-count independent
+                    share_stages(model, ranges, pipe, opt)  # the whole network, rank-count independent
                 saved = C.save(ckpt_dir, comm, epoch=epoch, model=model, optimizer=opt,
                                store=par.store if par is not None else None,
-                               meta={"world_size": comm.size, "metrics_path": path, "best_test_acc": best,
+                               meta={"world_size": comm.size, "replicas": R, "metrics_path": path,
+                                     "best_test_acc": best,
                                      "final_test_acc": final, "config": cfg.to_dict(),
                                      "stage_ranges": [list(r) for r in ranges] if ranges else None,
                                      "element_costs": costs})
@@ -278,6 +295,9 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
                                  "(the SLURM template requeues the job)")
                 return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best,
                                wall_seconds=wall, epochs=n_epochs, stopped_at=epoch, checkpoint=saved)
+    for c in (pipe, reps):
+        if c is not None and c is not comm:
+            c.free()
     wall = time.perf_counter() - t_start
     if comm.rank == 0:
         writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=final,
