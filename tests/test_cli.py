@@ -1,9 +1,12 @@
 """End-to-end through the command line, as a user runs it under mpiexec."""
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
-from conftest import make_dataset, run_cli
+from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
 from hpc_layerpar.metrics import read_metrics
 
 pytestmark = pytest.mark.spawns
@@ -62,6 +65,20 @@ def test_rank_count_and_ds_errors_come_before_training(tmp_path):
     assert p.returncode != 0 and "parallel.ds=4 does not divide" in p.stderr and "Use parallel.ds in" in p.stderr
     p = run_cli(base, n=6, timeout=120)
     assert p.returncode != 0 and "cannot split 5 elements" in p.stderr and "at most 5 ranks" in p.stderr
+    assert "epoch" not in p.stdout
+
+
+def test_ranks_with_different_configs_are_stopped_at_start(tmp_path):
+    """MPMD launch: rank 1 gets another learning rate than rank 0."""
+    data = make_dataset(tmp_path / "d.h5")
+    base = [sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train", "--preset", "digits-resnet-serial",
+            "--set", f"data.path={data}", "--set", f"run.out_dir={tmp_path}/runs"]
+    exe = mpiexec_cmd(1)[0]
+    cmd = [exe, "-n", "1"] + base + ["--set", "optim.lr=0.1", ":", "-n", "1"] + base + ["--set", "optim.lr=0.2"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert p.returncode != 0
+    assert "ranks [1] resolved a different configuration than rank 0" in p.stderr
     assert "epoch" not in p.stdout
 
 
