@@ -228,6 +228,12 @@ def world_size() -> int:
     return MPI.COMM_WORLD.Get_size()
 
 
+def mpi4py_version() -> str:
+    import mpi4py
+
+    return mpi4py.__version__
+
+
 def library_version() -> str:
     return MPI.Get_library_version().replace("\x00", "").strip()
 

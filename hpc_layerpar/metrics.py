@@ -68,13 +68,14 @@ def git_info() -> tuple[str, bool | None]:
 
 
 def provenance(extra: dict) -> dict:
-    import mpi4py
     import torch
+
+    from .comm import mpi4py_version
 
     sha, dirty = git_info()
     info = {
         "git_sha": sha, "git_dirty": "unknown" if dirty is None else str(dirty).lower(),
-        "torch_version": torch.__version__, "mpi4py_version": mpi4py.__version__,
+        "torch_version": torch.__version__, "mpi4py_version": mpi4py_version(),
         "h5py_version": h5py.__version__, "numpy_version": np.__version__,
         "hdf5_version": h5py.version.hdf5_version, "python_version": platform.python_version(),
         "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
