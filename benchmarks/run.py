@@ -1,6 +1,7 @@
 """One command, one run: per-epoch time of one-rank back-propagation, data-parallel on 2 ranks and
-the penalty parallel phase on 2 ranks (with and without DS s=2), 1 thread per rank, ResNets on
-CIFAR-10-shaped inputs, the ratio rho = T(one-rank back-propagation) / T(method), and the bytes.
+the penalty and AL parallel phases at K = 1 and 2 (K = 2: with and without DS s=2, float32 and
+bfloat16 messages), 1 thread per rank, ResNets on CIFAR-10-shaped inputs, the ratio
+rho = T(one-rank back-propagation) / T(method), and the bytes.
 
     python benchmarks/run.py [--depths 20,56] [--samples 2560] [--epochs 3]
 
@@ -60,6 +61,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--depths", default="20,56", help="comma-separated ResNet depths")
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--methods", default="penalty,al", help="parallel methods to measure")
+    ap.add_argument("--json", help="also write every measurement (with its rho) to this file")
     ap.add_argument("--samples", type=int, default=2560)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
@@ -69,19 +72,27 @@ def main():
           "after one warm-up; evaluation excluded")
     print(f"{'model':10s} {'method':26s} {'ranks':>5s} {'s/epoch':>8s} {'rho':>6s} "
           f"{'MB sent/epoch (max rank)':>24s} {'wait s':>7s} {'sweep s':>8s}", flush=True)
+    results = []
     for depth in [int(d) for d in a.depths.split(",")]:
         common = ["--data", path, "--depth", str(depth), "--batch", str(a.batch), "--epochs", str(a.epochs)]
         base = launch(1, common + ["--method", "serial"])
-        runs = [("back-propagation", 1, []), ("data-parallel", a.ranks, []),
-                ("penalty", a.ranks, ["--method", "penalty", "--ds", "1"]),
-                ("penalty DS s=2", a.ranks, ["--method", "penalty", "--ds", "2"]),
-                ("penalty bf16 messages", a.ranks, ["--method", "penalty", "--message-dtype", "bfloat16"])]
+        runs = [("back-propagation", 1, []), ("data-parallel", a.ranks, [])]
+        for method in a.methods.split(","):
+            runs += [(f"{method} K=1", 1, ["--method", method]),
+                     (method, a.ranks, ["--method", method, "--ds", "1"]),
+                     (f"{method} DS s=2", a.ranks, ["--method", method, "--ds", "2"]),
+                     (f"{method} bf16 messages", a.ranks, ["--method", method, "--message-dtype", "bfloat16"])]
         for name, ranks, extra in runs:
-            r = base if ranks == 1 else launch(ranks, common + (extra or ["--method", "serial"]))
+            r = base if not extra and ranks == 1 else launch(ranks, common + (extra or ["--method", "serial"]))
             rho = base["epoch_seconds"] / r["epoch_seconds"]
+            results.append({**r, "rho": rho, "label": name})
             print(f"resnet{depth:<4d} {name:26s} {r['ranks']:5d} {r['epoch_seconds']:8.3f} {rho:6.2f} "
                   f"{r['bytes_sent_per_rank'] / 1e6:24.2f} {r.get('wait_seconds_max', 0):7.3f} "
                   f"{r.get('sweep_seconds', 0):8.3f}", flush=True)
+
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(results, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="auto|CHECKPOINT", help="continue from a checkpoint folder; auto: "
                    "the latest in the run's checkpoint folder, or a fresh start if there is none")
     sub.add_parser("presets", help="list the named presets")
+    sub.add_parser("report", help="tables (Markdown, CSV) and PNG plots from metrics files; "
+                   "see `hpc_layerpar report --help`", add_help=False)
     sm = sub.add_parser("summary", help="one line per metrics file: accuracy, time, traffic")
     sm.add_argument("files", nargs="+", metavar="RUN.h5")
     return p
@@ -69,6 +71,10 @@ def _fail(msg: str) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # its own parser: results/report.py
+        from results.report import main as report_main
+        return report_main(argv[1:]) if world_rank() == 0 else 0
     args = build_parser().parse_args(argv)
     if args.command == "presets":
         if world_rank() == 0:

@@ -10,7 +10,7 @@ import torch
 from .serial import sync_device
 
 
-def measure_costs(model, batch_size: int, device: torch.device, reps: int = 2) -> list[int]:
+def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4) -> list[int]:
     """Microseconds of forward + backward of each element at this batch size on this device (the
     best of `reps` after one warm-up), with the input gradient every element but the stem needs.
 

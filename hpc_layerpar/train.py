@@ -173,7 +173,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             "threads_per_rank": threads, "model": model.name, "num_parameters": count_parameters(model),
             "dataset": data.name, "dataset_path": os.path.abspath(cfg.data.path),
             "n_train": data.n_train, "n_test": data.n_test, "phases": cfg.train.phases,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "checkpoint_dir": os.path.abspath(ckpt_dir),
+            "input_shape": list(data.shape), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "checkpoint_dir": os.path.abspath(ckpt_dir),
             "cuda_aware_mpi": str(comm.cuda_aware).lower() if device.type == "cuda" else "n/a (cpu)",
             **extra})
         old = meta.get("metrics_path") if meta else None

@@ -1,0 +1,122 @@
+"""Scaling model: rho(K) up to 64 ranks for CIFAR ResNet-56, ResNet-110, ResNet-1202 and WRN-28-10,
+from per-element forward+backward times measured on this machine and the message sizes of
+ALGORITHM.md, on latency-bandwidth network presets (NVLink, InfiniBand HDR, 25 Gb Ethernet).
+
+    python benchmarks/scaling.py [--models resnet56,resnet110,resnet1202,wrn28-10] [--batch 128]
+                                 [--validate benchmarks/out/run.json]
+
+--validate compares the model at K = 2 with rho measured by `benchmarks/run.py --json FILE` (same
+machine), using a network fitted to this machine: shared-memory MPI (latency 1 us, 5 GB/s) and a
+memory bandwidth measured here. Large models are timed at a smaller batch and scaled linearly."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hpc_layerpar import scaling as S  # noqa: E402
+from hpc_layerpar.costs import measure_costs  # noqa: E402
+from hpc_layerpar.models import build_model, count_parameters  # noqa: E402
+
+SPECS = {"resnet20": ("resnet", 20, 1), "resnet56": ("resnet", 56, 1), "resnet110": ("resnet", 110, 1),
+         "resnet1202": ("resnet", 1202, 1), "wrn28-10": ("wrn", 28, 10)}
+KS = [1, 2, 4, 8, 16, 32, 64]
+
+
+def measured_model(name: str, batch: int, probe_batch: int) -> S.Model:
+    arch, depth, width = SPECS[name]
+    torch.manual_seed(0)
+    net = build_model(arch, depth, width, in_channels=3, image_size=32, num_classes=10)
+    us = measure_costs(net, probe_batch, torch.device("cpu"), reps=1)
+    scale = batch / probe_batch
+    numel = [int(torch.Size(s).numel()) for s in net.shapes]
+    return S.Model(name, [u * scale / 1e6 for u in us], numel, count_parameters(net), batch)
+
+
+def memory_bandwidth() -> float:
+    a = torch.empty(64 * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    return 2 * 10 * a.numel() * 4 / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet56,resnet110,resnet1202,wrn28-10")
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--validate", help="JSON written by benchmarks/run.py --json")
+    ap.add_argument("--json", help="write the predictions here")
+    ap.add_argument("--speedup", type=float, default=1.0,
+                    help="divide the measured compute by this factor to stand for a faster device, e.g. "
+                         "100 for a GPU against one CPU thread: then communication starts to matter")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    out = {}
+    if a.validate:
+        measured = json.load(open(a.validate))
+        here = S.Network("this machine (shared-memory MPI)", 1e-6, 5e9, memory_bandwidth())
+        print(f"Validation at K = 2 on this machine (memory bandwidth {here.memory_bandwidth / 1e9:.1f} GB/s):")
+        print("| model | method | measured rho | modelled rho | error |")
+        print("| --- | --- | --- | --- | --- |")
+        for depth in sorted({r["depth"] for r in measured}):
+            m = measured_model(f"resnet{depth}", a.batch, a.batch)
+            for r in measured:
+                if r["depth"] != depth or r["ranks"] != 2:
+                    continue
+                if r["method"] == "serial":
+                    label, pred = "data-parallel", S.rho_dataparallel(m, 2, here)
+                else:
+                    label = f"{r['method']} ds={r['ds']} {r['message_dtype']}"
+                    pred = S.rho_parallel(m, 2, here, ds=r["ds"],
+                                          msg_bytes=2 if r["message_dtype"] == "bfloat16" else 4)
+                err = (pred - r["rho"]) / r["rho"]
+                print(f"| resnet{depth} | {label} | {r['rho']:.2f} | {pred:.2f} | {100 * err:+.1f}% |")
+        print()
+    for name in a.models.split(","):
+        probe = 16 if name in ("resnet1202", "wrn28-10") else a.batch
+        m = measured_model(name, a.batch, probe)
+        if a.speedup != 1.0:
+            m = S.Model(m.name, [t / a.speedup for t in m.element_seconds], m.boundary_numel, m.parameters,
+                        m.batch)
+        print(f"{name}: {count_parameters_str(m)}; one-rank step {sum(m.element_seconds):.3f} s at batch "
+              f"{a.batch} (timed at {probe} on 1 CPU thread" + (f", divided by {a.speedup:g})" if a.speedup != 1
+                                                                 else ")"))
+        print("| network | method | " + " | ".join(f"K={k}" for k in KS) + " |")
+        print("| --- | --- | " + " | ".join("---" for _ in KS) + " |")
+        for key, net in S.PRESETS.items():
+            n_el = len(m.element_seconds)
+
+            def each(fn):  # a pipeline needs at least one element per rank
+                return [fn(k) if k <= n_el else float("nan") for k in KS]
+
+            rows = {
+                "parallel phase": each(lambda k: S.rho_parallel(m, k, net)),
+                "parallel, DS s=2": each(lambda k: S.rho_parallel(m, k, net, ds=2)),
+                "parallel, bf16 messages": each(lambda k: S.rho_parallel(m, k, net, msg_bytes=2)),
+                "SPH run (80% parallel)": each(lambda k: S.rho_sph(m, k, net)),
+                "data-parallel": each(lambda k: S.rho_dataparallel(m, k, net)),
+            }
+            for label, vals in rows.items():
+                print(f"| {net.name} | {label} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in vals) + " |")
+                out.setdefault(name, {}).setdefault(key, {})[label] = vals
+        print()
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"K": KS, "rho": out}, fh, indent=1)
+
+
+def count_parameters_str(m: S.Model) -> str:
+    return f"{m.parameters / 1e6:.2f} M parameters, {len(m.element_seconds)} elements"
+
+
+if __name__ == "__main__":
+    main()

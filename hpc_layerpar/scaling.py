@@ -1,0 +1,99 @@
+"""Pure: a performance model of one training step at K ranks, from measured per-element compute
+times and the message sizes of ALGORITHM.md s.4, with a latency-bandwidth network model.
+
+    serial back-propagation   T_1 = sum_i t_i                       (t_i: forward+backward of element i)
+    parallel phase (K)        T_P = max_k [ C_k + o_k , X_k ]       C_k: stage k's compute of the balanced split
+                              o_k = copies of its boundary activations in and out (memory bandwidth)
+                              X_k = time to send and receive its messages (latency + bytes / bandwidth);
+                              messages are posted ahead and overlap compute, so only the larger counts
+    data-parallel (K)         T_D = T_1 / K + ring allreduce of all gradients (not overlapped, as in serial.py)
+    SPH run                   per epoch, a fraction f of parallel epochs and 1 - f data-parallel ones,
+                              plus a forward sweep and a stage exchange per switch
+
+rho = T_1 / T_method. The model ignores what the measurement basis already contains (optimizer
+step and data handling are inside t_i only as far as measured) and assumes batch-size-linear
+compute for data-parallel shards, which holds on CPUs and for large enough GPU shards."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .partition import balanced_partition, stage_costs
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    latency_s: float        # per message
+    bandwidth: float        # bytes / s, per direction
+    memory_bandwidth: float = 20e9  # bytes / s of a device-memory copy (local overheads)
+
+
+PRESETS = {
+    "nvlink": Network("NVLink (within a node)", 2e-6, 150e9, 1000e9),
+    "ib-hdr": Network("InfiniBand HDR 200 Gb/s", 1.5e-6, 24e9, 1000e9),
+    "eth25": Network("25 Gb Ethernet", 15e-6, 2.9e9, 1000e9),
+}
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the model needs of a network: per-element compute seconds per step (at the global
+    batch), per-boundary activation element counts per sample, and the parameter count."""
+    name: str
+    element_seconds: list
+    boundary_numel: list    # numel of the input of element i (per sample), i = 0..n-1
+    parameters: int
+    batch: int
+
+
+def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4,
+                  aux_bytes: int = 4) -> tuple[float, list]:
+    """(seconds per step of the parallel phase at K = k, the split used)."""
+    micro = [max(1, int(t * 1e6)) for t in m.element_seconds]
+    ranges = balanced_partition(micro, k)
+    comp = [c / 1e6 for c in stage_costs(micro, ranges)]
+    worst = 0.0
+    for s, (a, b) in enumerate(ranges):
+        out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0
+        in_n = m.boundary_numel[a] // (ds * ds) if s > 0 else 0
+        wire = m.batch * (out_n + in_n) * msg_bytes              # one message each way per boundary
+        n_msgs = (s < k - 1) + (s > 0)
+        comm = n_msgs * net.latency_s + wire / net.bandwidth
+        # local traffic: targets out, aux in, update (read a, p, z; write a) ~ 6 passes over a_k
+        local = m.batch * (6 * in_n * aux_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
+        worst = max(worst, comp[s] + local, comm)
+    return worst, ranges
+
+
+def dataparallel_step(m: Model, k: int, net: Network) -> float:
+    t1 = sum(m.element_seconds)
+    if k == 1:
+        return t1
+    nbytes = 4 * m.parameters
+    allreduce = 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
+    return t1 / k + allreduce
+
+
+def rho_parallel(m: Model, k: int, net: Network, **kw) -> float:
+    return sum(m.element_seconds) / parallel_step(m, k, net, **kw)[0]
+
+
+def rho_dataparallel(m: Model, k: int, net: Network) -> float:
+    return sum(m.element_seconds) / dataparallel_step(m, k, net)
+
+
+def rho_sph(m: Model, k: int, net: Network, *, parallel_fraction: float = 0.8, phase_epochs: int = 4,
+            steps_per_epoch: int = 390, **kw) -> float:
+    """Whole SPH runs, per epoch on average: parallel epochs, data-parallel correction epochs, and
+    per parallel phase a forward sweep (about a third of a step's compute per batch, pipelined
+    over the stages) plus two stage exchanges (parameters and momentum, 8 bytes per parameter)."""
+    t1 = sum(m.element_seconds)
+    tp, ranges = parallel_step(m, k, net, **kw)
+    td = dataparallel_step(m, k, net)
+    sweep = steps_per_epoch * max(stage_costs([max(1, int(t * 1e6)) for t in m.element_seconds],
+                                              ranges)) / 1e6 / 3
+    exchange = 2 * (k * net.latency_s + 8 * m.parameters / net.bandwidth)
+    phases_per_epoch = parallel_fraction / phase_epochs
+    per_epoch = (parallel_fraction * steps_per_epoch * tp + (1 - parallel_fraction) * steps_per_epoch * td
+                 + phases_per_epoch * (sweep + exchange))
+    return steps_per_epoch * t1 / per_epoch

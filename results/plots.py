@@ -1,0 +1,130 @@
+"""PNG figures: learning curves with SPH phase switches, per-rank time split, traffic, rho vs K."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # batch jobs and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .runs import PARALLEL, group  # noqa: E402
+
+
+def _label(key) -> str:
+    dataset, model, method, k, rep, ds, dt = key
+    par = method not in ("serial", "data-parallel")
+    return (f"{method} K={k}" + (f"xR={rep}" if par and rep > 1 else "") + (f" s={ds}" if par and ds > 1 else "")
+            + (" bf16" if dt == "bfloat16" else "") + ("" if par else f" ({rep} rank{'s' * (rep > 1)})"))
+
+
+def curves(runs, path: str) -> None:
+    groups = group(runs)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    shaded = False
+    for key, rs in sorted(groups.items(), key=lambda kv: _label(kv[0])):
+        n = min(len(r.columns["epoch"]) for r in rs)
+        acc = np.nanmean([r.columns["test_acc"][:n] for r in rs], axis=0) * 100
+        loss = np.nanmean([r.columns["train_loss"][:n] for r in rs], axis=0)
+        ep = np.arange(1, n + 1)
+        ok = ~np.isnan(acc)
+        ax1.plot(ep[ok], acc[ok], marker=".", label=_label(key))
+        ax2.plot(ep, loss, label=_label(key))
+        if not shaded and any(m in PARALLEL for m in rs[0].columns["phase"]) and "serial" in rs[0].columns["phase"]:
+            for e, ph in enumerate(rs[0].columns["phase"][:n]):
+                if ph == "serial":
+                    for ax in (ax1, ax2):
+                        ax.axvspan(e + 0.5, e + 1.5, color="0.9", zorder=0)
+            shaded = True
+    ax1.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy of the true network")
+    ax2.set(xlabel="epoch", ylabel="training loss", yscale="log",
+            title="Training loss (parallel epochs: last stage on its auxiliary inputs)")
+    lo = min((np.nanmin(np.nanmean([r.columns["test_acc"] for r in rs], axis=0)) for rs in groups.values()
+              if all(len(r.columns["epoch"]) == len(rs[0].columns["epoch"]) for r in rs)), default=0)
+    ax1.set_ylim(max(0, 100 * lo - 2), 100.5)
+    ax1.legend(fontsize=7)
+    if shaded:
+        ax2.text(0.01, 0.02, "grey: serial correction epochs of the SPH schedule", transform=ax2.transAxes,
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def time_split(runs, path: str) -> None:
+    """Per rank, mean seconds per epoch in compute, waiting for messages, and other MPI time."""
+    groups = {k: rs[0] for k, rs in group(runs).items() if rs[0].ranks > 1}
+    if not groups:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * sum(r.ranks for r in groups.values())), 4.5))
+    x, ticks, names = 0, [], []
+    for key, r in sorted(groups.items(), key=lambda kv: _label(kv[0])):
+        c = r.columns
+        ph = c["phase"]
+        mask = np.isin(ph, PARALLEL) if any(m in PARALLEL for m in ph) else ph == "serial"
+        comp = c["compute_seconds"][mask].mean(axis=0)
+        wait = c["wait_seconds"][mask].mean(axis=0)
+        other = np.maximum(c["comm_seconds"][mask].mean(axis=0) - wait, 0)
+        pos = x + np.arange(r.ranks)
+        ax.bar(pos, comp, color="tab:blue", label="compute" if x == 0 else None)
+        ax.bar(pos, wait, bottom=comp, color="tab:red", label="waiting for messages" if x == 0 else None)
+        ax.bar(pos, other, bottom=comp + wait, color="tab:orange", label="other MPI time" if x == 0 else None)
+        ticks += list(pos)
+        names += [f"r{i}" for i in range(r.ranks)]
+        ax.annotate(_label(key), (x + (r.ranks - 1) / 2, 0), xytext=(0, -28), textcoords="offset points",
+                    ha="center", fontsize=7)
+        x += r.ranks + 1
+    ax.set_xticks(ticks, names, fontsize=7)
+    ax.set(ylabel="seconds per epoch (mean)",
+           title="Time split per rank (parallel epochs for layer-parallel runs)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def traffic(runs, path: str) -> None:
+    groups = group(runs)
+    items = []
+    for key, rs in sorted(groups.items(), key=lambda kv: _label(kv[0])):
+        par = key[2] not in ("serial", "data-parallel")
+        if rs[0].ranks == 1:
+            continue
+        mb = np.mean([r.bytes_per_epoch("parallel" if par else "serial") for r in rs]) / 1e6
+        items.append((_label(key), mb, key[5] if par else 0))
+    if not items:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colors = {0: "tab:gray", 1: "tab:blue", 2: "tab:green", 4: "tab:olive"}
+    ax.barh([i[0] for i in items], [i[1] for i in items], color=[colors.get(i[2], "tab:purple") for i in items])
+    for y, (_, mb, _) in enumerate(items):
+        ax.text(mb, y, f" {mb:.1f}", va="center", fontsize=8)
+    ax.set(xlabel="MB sent per epoch, all ranks", title="Traffic per epoch (blue: no DS, green: DS s=2, "
+                                                         "grey: gradient Allreduce)")
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def rho_vs_k(runs, path: str, table, model_curve=None) -> None:
+    """Measured rho of parallel epochs by K (points) and, when given, the scaling model's curve."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for row in table:  # columns as in tables.HEADER
+        method, k, ranks, rho = row[2], row[4], row[3], row[11]
+        if math.isnan(rho):
+            continue
+        x = ranks
+        ax.scatter([x], [rho], label=f"measured: {method} K={k} R={row[5]} s={row[6]}")
+    if model_curve:
+        for label, (ks, vals) in model_curve.items():
+            ax.plot(ks, vals, "--", label=f"model: {label}")
+    ax.plot([1, max(8, max(r.ranks for r in runs))], [1, max(8, max(r.ranks for r in runs))], ":", color="0.6",
+            label="ideal (rho = ranks)")
+    ax.set(xlabel="ranks", ylabel="rho = T(1-rank BP epoch) / T(epoch)", xscale="log", yscale="log",
+           title="Speed-up of an epoch against one-rank back-propagation")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""Metrics files -> one summary record per run, grouped the way a paper's tables group them."""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpc_layerpar.metrics import read_metrics
+
+PARALLEL = ("penalty", "al")
+
+
+@dataclass
+class Run:
+    path: str
+    dataset: str
+    model: str
+    method: str          # serial | data-parallel | SPH-penalty | SPH-al | penalty | al (no serial phase)
+    ranks: int
+    stages: int
+    replicas: int
+    ds: int
+    message_dtype: str
+    seed: int
+    phases: str
+    status: str
+    columns: dict = field(repr=False)
+    attrs: dict = field(repr=False)
+
+    @property
+    def key(self):
+        return (self.dataset, self.model, self.method, self.stages, self.replicas, self.ds, self.message_dtype)
+
+    @property
+    def final_acc(self) -> float:
+        acc = self.columns["test_acc"]
+        acc = acc[~np.isnan(acc)]
+        return float(acc[-1]) if len(acc) else math.nan
+
+    def epoch_seconds(self, phase: str) -> float:
+        """Median epoch time over epochs of this kind: 'parallel', 'serial' or 'all'."""
+        ph, t = self.columns["phase"], self.columns["epoch_seconds"]
+        mask = np.ones(len(t), bool) if phase == "all" else (np.isin(ph, PARALLEL) if phase == "parallel"
+                                                             else ph == "serial")
+        return float(np.median(t[mask])) if mask.any() else math.nan
+
+    def bytes_per_epoch(self, phase: str = "parallel") -> float:
+        """Bytes all ranks sent per epoch of that kind (mean), the traffic on the wire."""
+        ph = self.columns["phase"]
+        mask = np.isin(ph, PARALLEL) if phase == "parallel" else ph == "serial"
+        b = self.columns["bytes_sent"]
+        return float(b[mask].sum(axis=1).mean()) if mask.any() else math.nan
+
+    @property
+    def aux_bytes(self) -> float:
+        import json
+        v = self.attrs.get("aux_bytes")
+        return float(sum(json.loads(v))) if isinstance(v, str) else math.nan
+
+    def time_to(self, target: float) -> float:
+        """Training seconds (epochs and phase switches, no evaluation) until test accuracy first
+        reaches target; NaN if it never does."""
+        acc = self.columns["test_acc"]
+        spent = np.cumsum(self.columns["epoch_seconds"] + self.columns["switch_seconds"])
+        hit = np.nonzero(np.nan_to_num(acc, nan=-1) >= target)[0]
+        return float(spent[hit[0]]) if len(hit) else math.nan
+
+
+def method_of(cfg: dict, world: int) -> str:
+    methods = [p.split(":")[0] for p in cfg["train"]["phases"].strip("()").split(")")[0].split(",")]
+    par = sorted({m for m in methods if m in PARALLEL})
+    if not par:
+        return "serial" if world == 1 else "data-parallel"
+    return ("SPH-" if "serial" in methods else "") + "+".join(par)
+
+
+def load(paths) -> list[Run]:
+    runs = []
+    for p in paths:
+        m = read_metrics(p)  # MetricsError for foreign files and other schema versions
+        cfg, a = m["config"], m["attrs"]
+        world = int(a["world_size"])
+        replicas = int(cfg.get("parallel", {}).get("replicas", 1))
+        method = method_of(cfg, world)
+        parallel = method not in ("serial", "data-parallel")
+        runs.append(Run(
+            path=p, dataset=str(a.get("dataset", "?")), model=str(a.get("model", "?")), method=method,
+            ranks=world, stages=world // replicas if parallel else 1, replicas=replicas if parallel else world,
+            ds=int(cfg["parallel"]["ds"]) if parallel else 1,
+            message_dtype=cfg["parallel"]["message_dtype"] if parallel else "-",
+            seed=int(cfg["train"]["seed"]), phases=cfg["train"]["phases"], status=str(a.get("status")),
+            columns=m["columns"], attrs=a))
+    return runs
+
+
+def group(runs: list[Run]) -> dict:
+    out: dict = {}
+    for r in runs:
+        out.setdefault(r.key, []).append(r)
+    return out
+
+
+def mean_std(values) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.mean(vals), (statistics.pstdev(vals) if len(vals) > 1 else 0.0)

@@ -1,0 +1,64 @@
+"""The report over real runs: tables, CSV and plots; clear errors for foreign files."""
+import csv
+import os
+
+import h5py
+import pytest
+
+from conftest import make_dataset, run_cli
+
+pytestmark = pytest.mark.spawns
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    data = make_dataset(tmp / "d.h5", n_train=128)
+    out = tmp / "runs"
+    common = [f"data.path={data}", "data.batch_size=16", "model.depth=8", "parallel.beta=0.02",
+              f"run.out_dir={out}", "run.threads=1"]
+    jobs = [("digits-resnet-serial", 1, ["train.phases=serial:3"]),
+            ("digits-resnet-serial", 2, ["train.phases=serial:3"]),
+            ("digits-resnet-penalty", 2, ["train.phases=penalty:2,serial:1"]),
+            ("digits-resnet-penalty-ds2", 2, ["train.phases=penalty:2,serial:1"]),
+            ("digits-resnet-al", 2, ["train.phases=al:2,serial:1", "train.seed=1"])]
+    for preset, n, extra in jobs:
+        p = run_cli(["train", "--preset", preset] + [x for s in common + extra for x in ("--set", s)], n=n)
+        assert p.returncode == 0, p.stderr
+    return tmp, out
+
+
+def test_report_writes_tables_and_plots(runs):
+    tmp, out = runs
+    p = run_cli(["report", str(out), "--out", str(tmp / "rep"), "--target", "0.3"])
+    assert p.returncode == 0, p.stderr
+    rows = list(csv.DictReader(open(tmp / "rep" / "summary.csv")))
+    methods = {(r["method"], r["DS"]) for r in rows}
+    assert methods == {("serial", "1"), ("data-parallel", "1"), ("SPH-penalty", "1"), ("SPH-penalty", "2"),
+                       ("SPH-al", "1")}
+    serial = next(r for r in rows if r["method"] == "serial")
+    assert float(serial["rho whole run"]) == pytest.approx(1.0)
+    pen = {r["DS"]: r for r in rows if r["method"] == "SPH-penalty"}
+    assert float(pen["1"]["MB/epoch (wire)"]) == pytest.approx(4 * float(pen["2"]["MB/epoch (wire)"]), rel=1e-6)
+    assert float(pen["1"]["aux MiB"]) > float(pen["2"]["aux MiB"]) > 0
+    assert all(float(r["rho parallel epoch"]) > 0 for r in rows if r["method"].startswith("SPH"))
+    for png in ("curves.png", "time_split.png", "traffic.png", "rho_vs_k.png"):
+        f = tmp / "rep" / png
+        assert f.exists() and f.stat().st_size > 10_000, png
+        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| SPH-penalty |" in open(tmp / "rep" / "summary.md").read()
+
+
+def test_report_rejects_foreign_files_and_other_schema_versions(runs, tmp_path):
+    (tmp_path / "x.h5").write_bytes(b"not hdf5")
+    p = run_cli(["report", str(tmp_path / "x.h5"), "--out", str(tmp_path / "rep")])
+    assert p.returncode == 2 and "not a readable HDF5" in p.stderr
+    _, out = runs
+    src = sorted(out.glob("*.h5"))[0]
+    old = tmp_path / "old.h5"
+    old.write_bytes(src.read_bytes())
+    with h5py.File(old, "a") as f:
+        f.attrs["schema_version"] = 1
+    p = run_cli(["report", str(old), "--out", str(tmp_path / "rep")])
+    assert p.returncode == 2 and "schema version 1" in p.stderr
+    assert not os.path.exists(tmp_path / "rep" / "summary.md")
