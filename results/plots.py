@@ -14,9 +14,10 @@ from .runs import PARALLEL, group  # noqa: E402
 
 def _label(key) -> str:
     dataset, model, method, k, rep, ds, dt = key
-    par = method not in ("serial", "data-parallel")
-    return (f"{method} K={k}" + (f"xR={rep}" if par and rep > 1 else "") + (f" s={ds}" if par and ds > 1 else "")
-            + (" bf16" if dt == "bfloat16" else "") + ("" if par else f" ({rep} rank{'s' * (rep > 1)})"))
+    if method in ("serial", "data-parallel"):
+        return f"{method} ({rep} rank{'s' * (rep > 1)})"
+    return (f"{method} K={k}" + (f"xR={rep}" if rep > 1 else "") + (f" s={ds}" if ds > 1 else "")
+            + (" bf16" if dt == "bfloat16" else ""))
 
 
 def curves(runs, path: str) -> None:
@@ -112,18 +113,25 @@ def rho_vs_k(runs, path: str, table, model_curve=None) -> None:
     """Measured rho of parallel epochs by K (points) and, when given, the scaling model's curve."""
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row in table:  # columns as in tables.HEADER
-        method, k, ranks, rho = row[2], row[4], row[3], row[11]
-        if math.isnan(rho):
+        method, k, ranks = row[2], row[4], row[3]
+        par = method not in ("serial", "data-parallel")
+        rho = row[11] if par else row[12]  # parallel epochs; whole run for back-propagation
+        if math.isnan(rho) or ranks == 1:
             continue
-        x = ranks
-        ax.scatter([x], [rho], label=f"measured: {method} K={k} R={row[5]} s={row[6]}")
+        ax.scatter([ranks], [rho], marker="o" if par else "s",
+                   label=f"measured: {method} K={k} R={row[5]} s={row[6]}" if par else f"measured: {method}")
     if model_curve:
         for label, (ks, vals) in model_curve.items():
             ax.plot(ks, vals, "--", label=f"model: {label}")
     ax.plot([1, max(8, max(r.ranks for r in runs))], [1, max(8, max(r.ranks for r in runs))], ":", color="0.6",
             label="ideal (rho = ranks)")
+    top = max(8, max(r.ranks for r in runs))
     ax.set(xlabel="ranks", ylabel="rho = T(1-rank BP epoch) / T(epoch)", xscale="log", yscale="log",
            title="Speed-up of an epoch against one-rank back-propagation")
+    ticks = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= top]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_yticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
