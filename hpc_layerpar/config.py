@@ -6,7 +6,7 @@ import difflib
 import json
 import os
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields
 
 import yaml
 

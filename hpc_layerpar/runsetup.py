@@ -3,6 +3,7 @@ the stage split; user errors are agreed on so that all ranks fail together."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,10 @@ from .costs import measure_costs, parse_cuts
 from .dataformat import DataError
 from .filters import DSFilter, check_boundaries
 from .partition import balanced_partition
+
+if TYPE_CHECKING:  # annotations only: importing comm here at run time is not needed
+    from .comm import Comm
+    from .data import DeviceDataset
 
 
 def resolve_device(spec: str, local_rank: int) -> torch.device:

@@ -75,7 +75,7 @@ def test_sigusr1_checkpoints_and_resume_equals_uninterrupted(reference, tmp_path
     assert read_metrics(str(path))["attrs"]["status"] == "checkpointed"
     p = run_cli(args(data, out, "sig", "run.checkpoint_every=12") + ["--resume", "auto"], n=2)
     assert p.returncode == 0, p.stderr
-    assert f"resumed from" in p.stdout and f"at epoch {stopped + 1}" in p.stdout
+    assert "resumed from" in p.stdout and f"at epoch {stopped + 1}" in p.stdout
     m = read_metrics(str(path))
     assert m["attrs"]["status"] == "completed" and '"epoch": %d' % stopped in m["attrs"]["resumes"]
     assert_same_run(ref_path, str(path), ref_ckpt, str(out / "sig.ckpt"))
