@@ -117,7 +117,11 @@ class ParallelEngine:
         tsend_buf = self._slots(self.store.shape) if not self.first else None
         tgt_req, zsend_req, zrecv_req, tsend_req = ([None] * W for _ in range(4))
         pending = [None] * W  # per slot: (batch j, idx, a_old, p) awaiting D(u_{k-1}) of batch j
-        sums = {"local": 0.0, "ce": 0.0, "correct": 0.0, "res": 0.0, "mult": 0.0, "n": 0, "nupd": 0}
+        # Epoch sums stay on the device (float64) and are read once at the end: a float() per batch
+        # would synchronise a GPU every step and undo the overlap the windowed messages buy.
+        LOCAL, CE, CORRECT, RES, MULT = range(5)
+        acc = torch.zeros(5, dtype=torch.float64, device=self.device)
+        counts = {"n": 0, "nupd": 0}
 
         def post_target_recv(j):
             s, n = j % W, len(batches[j])
@@ -143,10 +147,10 @@ class ParallelEngine:
             else:
                 a_new, m_new = al_update(a_old, self.store.gather(idx, "m"), z, p, beta, self.eta)
                 self.store.scatter(idx, m_new, "m")
-                sums["mult"] += float(m_new.flatten(1).norm(dim=1).sum())
+                acc[MULT] += m_new.flatten(1).norm(dim=1).sum()
             self.store.scatter(idx, a_new)
-            sums["res"] += float(torch.linalg.vector_norm((z - a_old).flatten(1), dim=1).sum())
-            sums["nupd"] += len(idx)
+            acc[RES] += torch.linalg.vector_norm((z - a_old).flatten(1), dim=1).sum()
+            counts["nupd"] += len(idx)
             pending[s] = None
             if j + W < nb:
                 post_z_recv(j + W)
@@ -182,8 +186,8 @@ class ParallelEngine:
             if self.last:
                 y = self.data.train_y[idx.to(self.device)]
                 loss = F.cross_entropy(u, y)
-                sums["ce"] += float(loss.detach()) * n
-                sums["correct"] += float((u.detach().argmax(1) == y).sum())
+                acc[CE] += loss.detach() * n
+                acc[CORRECT] += (u.detach().argmax(1) == y).sum()
             else:
                 d = self.filter.down(u)
                 loss = F.mse_loss(d, target, reduction="sum") * (0.5 * beta / n)
@@ -197,8 +201,8 @@ class ParallelEngine:
                 self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
                 self.bucket.flat /= self.replicas
             self.opt.step()
-            sums["local"] += float(loss.detach()) * n
-            sums["n"] += n
+            acc[LOCAL] += loss.detach() * n
+            counts["n"] += n
             if not self.last:
                 if zsend_req[s] is not None:
                     zsend_req[s].wait()
@@ -226,14 +230,15 @@ class ParallelEngine:
         sync_device(self.device)
         elapsed = time.perf_counter() - t_epoch
         nan = float("nan")
-        ns, nu = max(sums["n"], 1), max(sums["nupd"], 1)
+        sums = acc.tolist()  # the one host read of the epoch
+        ns, nu = max(counts["n"], 1), max(counts["nupd"], 1)
         return ParallelStats(
-            local_loss=sums["local"] / ns,
-            train_loss=sums["ce"] / ns if self.last else nan,
-            train_acc=sums["correct"] / ns if self.last else nan,
-            residual=sums["res"] / nu if not self.first else nan,
-            multiplier_norm=sums["mult"] / nu if (self.method == "al" and not self.first) else nan,
-            steps=nb, samples=sums["n"],
+            local_loss=sums[LOCAL] / ns,
+            train_loss=sums[CE] / ns if self.last else nan,
+            train_acc=sums[CORRECT] / ns if self.last else nan,
+            residual=sums[RES] / nu if not self.first else nan,
+            multiplier_norm=sums[MULT] / nu if (self.method == "al" and not self.first) else nan,
+            steps=nb, samples=counts["n"],
             compute_seconds=elapsed - (comm.counters.comm_seconds - comm_before))
 
     def bytes_per_epoch(self, samples: int, element_size: int) -> int:
