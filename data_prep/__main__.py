@@ -1,15 +1,18 @@
-"""`python -m data_prep digits|mnist|cifar10|cifar100 [--raw PATH | --download DIR] [--out FILE]`."""
+"""`python -m data_prep digits|mnist|fashion|cifar10|cifar100 [--raw PATH | --download DIR] [--out FILE]`."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hpc_layerpar.dataformat import write_dataset
 
 from . import converters as C
 
-DEFAULT_OUT = {"digits": "data/digits.h5", "mnist": "data/mnist.h5", "cifar10": "data/cifar10.h5",
-               "cifar100": "data/cifar100.h5"}
+DEFAULT_OUT = {"digits": "data/digits.h5", "mnist": "data/mnist.h5", "fashion": "data/fashion.h5",
+               "cifar10": "data/cifar10.h5", "cifar100": "data/cifar100.h5"}
+# Debian/Ubuntu: `apt-get install dataset-fashion-mnist` puts the four idx .gz files here.
+FASHION_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 def _download(kind: str, root: str) -> str:
@@ -20,10 +23,12 @@ def _download(kind: str, root: str) -> str:
         raise C.ConvertError(f"--download needs torchvision, which does not import here ({exc}). "
                              "Install it (`pip install -e .[vision]`) on a machine with internet access, "
                              "or fetch the raw files yourself and use --raw PATH.") from None
-    import os
     if kind == "mnist":
         tvd.MNIST(root, train=True, download=True)
         return os.path.join(root, "MNIST", "raw")
+    if kind == "fashion":
+        tvd.FashionMNIST(root, train=True, download=True)
+        return os.path.join(root, "FashionMNIST", "raw")
     cls = tvd.CIFAR10 if kind == "cifar10" else tvd.CIFAR100
     cls(root, train=True, download=True)
     return os.path.join(root, C.CIFAR[kind]["archive"])
@@ -35,13 +40,19 @@ def convert(kind: str, out: str, raw: str | None = None, download: str | None = 
         return write_dataset(out, name="digits", train=train, test=test, num_classes=10,
                              source="sklearn.datasets.load_digits, split default_rng(0) 1437/360",
                              hflip=False)
+    if kind == "fashion" and raw is None and download is None and os.path.isdir(FASHION_SYSTEM_DIR):
+        raw = FASHION_SYSTEM_DIR
     if raw is None and download is None:
-        raise C.ConvertError(f"{kind} needs --raw PATH (the original files) or --download DIR")
+        hint = (f" (on Debian/Ubuntu: `apt-get install dataset-fashion-mnist`, then --raw {FASHION_SYSTEM_DIR})"
+                if kind == "fashion" else "")
+        raise C.ConvertError(f"{kind} needs --raw PATH (the original files) or --download DIR{hint}")
     path = raw if raw is not None else _download(kind, download)
-    if kind == "mnist":
+    if kind in ("mnist", "fashion"):
         train, test = C.load_mnist(path)
-        return write_dataset(out, name="mnist", train=train, test=test, num_classes=10,
-                             source=f"MNIST idx files from {path}", hflip=False)
+        # Fashion-MNIST: a left-right mirrored garment is the same garment, so flips preserve labels.
+        name, label = ("mnist", "MNIST") if kind == "mnist" else ("fashion", "Fashion-MNIST")
+        return write_dataset(out, name=name, train=train, test=test, num_classes=10,
+                             source=f"{label} idx files from {path}", hflip=kind == "fashion")
     train, test = C.load_cifar(kind, path)
     return write_dataset(out, name=kind, train=train, test=test, num_classes=C.CIFAR[kind]["classes"],
                          source=f"{C.CIFAR[kind]['archive']} from {path}", hflip=True)
@@ -58,7 +69,6 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = p.parse_args(argv)
     out = args.out or DEFAULT_OUT[args.dataset]
-    import os
     if os.path.exists(out) and not args.force:
         print(f"{out} exists; keeping it (use --force to rebuild)")
         return 0

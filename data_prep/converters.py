@@ -70,7 +70,8 @@ def _find(raw_dir, stem):
         if os.path.exists(p):
             return p
     raise ConvertError(f"'{raw_dir}' lacks {stem}.gz (or {stem}); point --raw at the folder with the four "
-                       "MNIST idx files, or use --download on a machine with internet access")
+                       "idx files (MNIST or Fashion-MNIST, same names), or use --download on a machine with "
+                       "internet access")
 
 
 def load_mnist(raw_dir: str):

@@ -53,7 +53,8 @@ def summarize(paths) -> str:
         m = read_metrics(path)
         c, a = m["columns"], m["attrs"]
         acc = c["test_acc"][~np.isnan(c["test_acc"])]
-        final = f"{100 * acc[-1]:.2f}%" if len(acc) else "-"
+        # A run the divergence guard stopped has no final accuracy: say nan, not a stale figure.
+        final = "nan" if a.get("status") == "diverged" else (f"{100 * acc[-1]:.2f}%" if len(acc) else "-")
         best = f"{100 * acc.max():.2f}%" if len(acc) else "-"
         wall = f"{a['wall_seconds']:.1f}" if "wall_seconds" in a else "-"
         per_epoch = f"{c['epoch_seconds'].mean():.3f}" if len(c["epoch"]) else "-"
@@ -98,12 +99,16 @@ def main(argv=None) -> int:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         return 0
+    from .guard import EXIT_DIVERGED, DivergenceError
     from .train import run  # torch import deferred: config errors come back fast
 
     try:
         summary = run(cfg, resume=args.resume)
     except (ConfigError, DataError) as exc:
         return _fail(str(exc))
+    except DivergenceError as exc:  # every rank raised it alike; rank 0 says why, all exit 3
+        _fail(str(exc))
+        return EXIT_DIVERGED
     except BaseException as exc:  # noqa: BLE001 - any other failure must take the whole job down
         if isinstance(exc, SystemExit) and not exc.code:
             raise

@@ -24,6 +24,7 @@ class DataConfig:
     crop_pad: int = -1          # -1: image height // 8 (4 for 32x32, 1 for 8x8)
     flip: str = "auto"          # auto: follow the dataset's `hflip` attribute; on | off
     drop_last: bool = True      # equal-sized steps keep BatchNorm statistics and timings comparable
+    subset: int = 0             # > 0: train on a fixed class-balanced subset of that many images
 
 
 @dataclass(frozen=True)
@@ -56,18 +57,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    beta: float = 0.01          # penalty weight beta_0 (AL: the fixed beta); 1/step size in activation space
+    coupling: str = "pipeline"  # pipeline (ALGORITHM.md s.4) | epoch (s.4b: the per-epoch exchange, v1 rule)
+    micro_batches: int = 4      # pipeline: M micro-batches per global batch, one optimizer step per M
+    beta: float = 1.0           # penalty weight. pipeline: per element of the boundary; epoch: raw (v1)
+    beta_guard: str = "auto"    # auto: cap beta where lr*beta*curvature > 1 | refuse: error | off
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)
     beta_max: float = 1.0e4
-    eta: float = 1.0            # relaxation of the auxiliary update, in (0, 1]
+    al_rho: float = 0.5         # pipeline AL: damping of the multiplier step, in (0, 1]
+    augment: bool = False       # pipeline: rank 0 augments the images in parallel epochs too
+    eta: float = 1.0            # epoch coupling: relaxation of the auxiliary update, in (0, 1]
+    refresh_every: int = 0      # epoch coupling: forward sweep every N parallel epochs (0: at phase start)
     ds: int = 1                 # DS filter factor s in {1, 2, 4}: messages and storage / s^2
-    window: int = 4             # batches of messages posted ahead
+    window: int = 4             # epoch coupling: batches of messages posted ahead
     message_dtype: str = "float32"   # float32 | bfloat16 (on the wire)
     aux_dtype: str = "float32"       # float32 | bfloat16 (storage of a_k and m_k)
     aux_location: str = "device"     # device | host (pinned when the device is a GPU)
     bn_batches: int = 20        # training batches used to re-estimate BatchNorm statistics
     partition: str = "time"     # time (measured per element) | macs (analytic) | cut indices "4,9"
     replicas: int = 1           # R: world = K stages x R replicas in the parallel phase (data x layer)
+    switch_momentum: str = "keep"    # entering a serial phase after a parallel one: keep | reset
+    simulate: int = 0           # > 0: run that many virtual ranks as threads of this one process
 
 
 @dataclass(frozen=True)
@@ -88,6 +97,8 @@ class DebugConfig:
     fail_epoch: int = 0
     kill_rank: int = -1         # >= 0: that rank SIGKILLs itself at the start of epoch `kill_epoch`
     kill_epoch: int = 0
+    nan_rank: int = -1          # >= 0: that rank writes a NaN into its stage at the start of `nan_epoch`
+    nan_epoch: int = 0          #       (tests the divergence guard)
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,8 @@ _DATASETS = {
                "optim": {"lr": 0.05, "warmup_epochs": 1}, "epochs": 30},
     "mnist": {"data": {"path": "data/mnist.h5", "batch_size": 128},
               "optim": {"lr": 0.1, "warmup_epochs": 1}, "epochs": 20},
+    "fashion": {"data": {"path": "data/fashion.h5", "batch_size": 128},
+                "optim": {"lr": 0.1, "warmup_epochs": 1}, "epochs": 20},
     "cifar10": {"data": {"path": "data/cifar10.h5", "batch_size": 128},
                 "optim": {"lr": 0.1, "warmup_epochs": 2}, "epochs": 160},
     "cifar100": {"data": {"path": "data/cifar100.h5", "batch_size": 128},
@@ -120,10 +133,11 @@ _DATASETS = {
 }
 _MODELS = {"resnet": {"arch": "resnet", "depth": 20}, "resnet56": {"arch": "resnet", "depth": 56},
            "wrn28-10": {"arch": "wrn", "depth": 28, "width": 10}}
-_PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("cifar10", "resnet56"), ("cifar10", "wrn28-10"),
+_PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("fashion", "resnet"), ("cifar10", "resnet56"), ("cifar10", "wrn28-10"),
           ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
-# SPH: 4 parallel epochs then 1 serial correction epoch, repeated (80% of the epochs parallel).
-_PARALLEL = {"penalty": {"beta": 0.01, "beta_growth": 1.0}, "al": {"beta": 0.01}}
+# SPH: 4 parallel epochs then 1 serial correction epoch, repeated (80% of the epochs parallel). No
+# per-dataset penalty weight: the scale-free beta and the curvature guard carry over between datasets.
+_PARALLEL = {"penalty": {}, "al": {}}
 
 
 def _make_presets() -> dict:
@@ -339,7 +353,22 @@ def validate(cfg: Config) -> None:
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
     _choice("run.cuda_aware", r.cuda_aware, ("auto", "on", "off"))
     pc = cfg.parallel
-    _positive("parallel.beta", pc.beta)
+    _choice("parallel.coupling", pc.coupling, ("pipeline", "epoch"))
+    _choice("parallel.beta_guard", pc.beta_guard, ("auto", "refuse", "off"))
+    _choice("parallel.switch_momentum", pc.switch_momentum, ("keep", "reset"))
+    _positive("parallel.micro_batches", pc.micro_batches)
+    _positive("parallel.simulate", pc.simulate, strict=False)
+    _positive("parallel.refresh_every", pc.refresh_every, strict=False)
+    _positive("data.subset", d.subset, strict=False)
+    if not 0 < pc.al_rho <= 1:
+        raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")
+    if pc.coupling == "pipeline":
+        _positive("parallel.beta", pc.beta, strict=False)
+        if d.batch_size % (pc.replicas * pc.micro_batches):
+            raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas x "
+                              f"parallel.micro_batches = {pc.replicas} x {pc.micro_batches}; change one of them.")
+    else:
+        _positive("parallel.beta", pc.beta)
     if pc.beta_growth < 1:
         raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
     if pc.beta_max < pc.beta:
@@ -361,8 +390,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
     _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
     dbg = cfg.debug
-    if min(dbg.fail_epoch, dbg.kill_epoch) < 0 or min(dbg.fail_rank, dbg.kill_rank) < -1:
-        raise ConfigError("debug.fail_rank / kill_rank must be >= -1 and debug.fail_epoch / kill_epoch >= 0.")
+    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch) < 0 or \
+            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank) < -1:
+        raise ConfigError("debug.fail_rank / kill_rank / nan_rank must be >= -1 and debug.fail_epoch / "
+                          "kill_epoch / nan_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):
         raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
                           "it names the metrics file.")

@@ -18,7 +18,8 @@ def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4) -
     the multiply-accumulate count misjudges wide-and-shallow against narrow-and-high-resolution
     blocks by 2-3x, which is why this is the default."""
     m = copy.deepcopy(model).to(device).train()
-    x = torch.randn((batch_size,) + tuple(m.shapes[0]), device=device)
+    g = torch.Generator().manual_seed(0)  # not the global RNG: simulated ranks are threads
+    x = torch.randn((batch_size,) + tuple(m.shapes[0]), generator=g).to(device)
     inputs = [x]
     with torch.no_grad():
         for el in m.elements[:-1]:

@@ -17,7 +17,22 @@ def _cpu_generator(*parts: int) -> torch.Generator:
 
 
 # Streams keep the random draws of unrelated uses apart for the same (seed, epoch).
-STREAM_PERMUTATION, STREAM_AUGMENT, STREAM_CALIBRATION, STREAM_SHARD = 1, 2, 3, 4
+STREAM_PERMUTATION, STREAM_AUGMENT, STREAM_CALIBRATION, STREAM_SHARD, STREAM_SUBSET = 1, 2, 3, 4, 5
+
+
+def train_subset(labels: np.ndarray, n: int) -> np.ndarray:
+    """Ids of a fixed, class-balanced subset of n training samples (sorted). The same for every run,
+    seed and rank count (it depends on the labels and n only), and subsets nest: the ids of a
+    smaller n are a subset of those of a larger one. Classes take turns in a fixed random order."""
+    if n <= 0 or n >= len(labels):
+        return np.arange(len(labels))
+    g = np.random.default_rng(derive_seed(0, 0, STREAM_SUBSET))
+    classes = np.unique(labels)
+    queues = [g.permutation(np.nonzero(labels == c)[0]) for c in classes]
+    order = []
+    for rank in range(max(len(q) for q in queues)):  # round robin: class balance at every prefix
+        order.extend(q[rank] for q in queues if rank < len(q))
+    return np.sort(np.asarray(order[:n], dtype=np.int64))
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -62,12 +77,19 @@ class DeviceDataset:
     """uint8 images and labels resident on the device; batches are normalised on the fly
     (4x less memory than storing float32, and normalisation is free next to a conv)."""
 
-    def __init__(self, path: str, device: torch.device, verify: bool = True):
+    def __init__(self, path: str, device: torch.device, verify: bool = True, subset: int = 0):
+        """subset > 0: train on the fixed class-balanced subset of that many samples (train_subset);
+        the test set is always whole."""
         raw = read_dataset(path, verify=verify)
         self.name, self.num_classes, self.hflip = raw["name"], raw["num_classes"], raw["hflip"]
         self.device = device
-        self.train_x = torch.from_numpy(raw["train"][0]).to(device)
-        self.train_y = torch.from_numpy(raw["train"][1]).to(device)
+        x, y = raw["train"]
+        self.n_train_file = len(y)
+        if 0 < subset < len(y):
+            keep = train_subset(y, subset)
+            x, y = x[keep], y[keep]
+        self.train_x = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+        self.train_y = torch.from_numpy(np.ascontiguousarray(y)).to(device)
         self.test_x = torch.from_numpy(raw["test"][0]).to(device)
         self.test_y = torch.from_numpy(raw["test"][1]).to(device)
         c = self.train_x.shape[1]

@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 
 SCHEMA = "hpc_layerpar-metrics"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READS = (2, 3)  # version 2 lacks the health columns; they read as NaN
 
 # name -> (dtype, per_rank, unit / meaning). Per-rank columns have shape (epochs, world_size).
 COLUMNS = {
@@ -39,6 +40,9 @@ COLUMNS = {
     "local_loss": ("f8", True, "per rank: mean local objective of a parallel epoch (penalty or CE)"),
     "residual": ("f8", True, "per rank k: mean per-sample ||D(Phi_{k-1}) - a_k|| at boundary k"),
     "multiplier_norm": ("f8", True, "per rank k: mean per-sample ||m_k|| after the AL update"),
+    "beta_effective": ("f8", True, "per rank k: penalty weight of its outgoing boundary after the guard"),
+    "consistency": ("f8", True, "per rank k: mean ||a_k - D(x_k)|| / ||D(x_k)|| on the probe batch"),
+    "grad_cosine": ("f8", True, "per rank: cosine of the applied stage gradient and true BP (probe batch)"),
 }
 
 
@@ -188,9 +192,9 @@ def read_metrics(path: str) -> dict:
             raise MetricsError(f"'{path}' is not an hpc_layerpar metrics file "
                                f"(schema attribute {f.attrs.get('schema')!r})")
         ver = int(f.attrs.get("schema_version", -1))
-        if ver != SCHEMA_VERSION:
+        if ver not in READS:
             raise MetricsError(f"'{path}' has metrics schema version {ver}; this hpc_layerpar reads "
-                               f"version {SCHEMA_VERSION}. Use the hpc_layerpar release that wrote it.")
+                               f"versions {', '.join(map(str, READS))}. Use the hpc_layerpar release that wrote it.")
         if "epochs" not in f:
             raise MetricsError(f"'{path}' lacks the /epochs group; the run died while creating it")
         attrs = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
@@ -198,4 +202,9 @@ def read_metrics(path: str) -> dict:
         for name in f["epochs"]:
             d = f["epochs"][name][...]
             cols[name] = d.astype(str) if d.dtype.kind in ("O", "S") else d
+    if "epoch" in cols:
+        for name, (_, per_rank, _) in COLUMNS.items():
+            if name not in cols:  # an older schema: the column did not exist yet
+                w = int(attrs.get("world_size", 1))
+                cols[name] = np.full((len(cols["epoch"]), w) if per_rank else (len(cols["epoch"]),), np.nan)
     return {"attrs": attrs, "config": json.loads(attrs["config"]), "columns": cols}

@@ -1,6 +1,8 @@
 """Pre-activation CIFAR ResNets and WideResNets as a flat sequence [stem, blocks..., head]; no MPI."""
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -136,9 +138,12 @@ def _init(model: nn.Module) -> None:
             nn.init.zeros_(mod.bias)
 
 
+_INIT_LOCK = threading.Lock()  # the global RNG: virtual ranks (threads) of a simulation build in turn
+
+
 def model_from_config(mcfg, *, in_channels: int, image_size: int, num_classes: int, seed: int):
     """Every rank builds the same network from the same seed, so no initial broadcast is needed."""
-    with torch.random.fork_rng(devices=[]):
+    with _INIT_LOCK, torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_model(mcfg.arch, mcfg.depth, mcfg.width, in_channels=in_channels,
                            image_size=image_size, num_classes=num_classes,

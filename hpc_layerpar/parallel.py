@@ -1,5 +1,5 @@
-"""The parallel phase (penalty / augmented Lagrangian), one epoch per call: the only place where
-stage math meets point-to-point messages (ALGORITHM.md s.4).
+"""The parallel phase with epoch coupling (ALGORITHM.md s.4b, the v1 rule kept for comparison:
+`parallel.coupling=epoch`), one epoch per call.
 
 Rank k owns stage k. Per batch j it sends D(u) to rank k+1 and the targets of batch j+W to rank
 k-1, and receives the targets of batch j from k+1 and D(u_{k-1}) of batch j from k-1; all of it
@@ -9,33 +9,17 @@ not depend on timing: it equals the single-process simulation in tests/simulate.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 from .auxstore import DTYPES, AuxStore, al_update, penalty_update
 from .data import epoch_batches, replica_batches
 from .filters import DSFilter
+from .pipeline import stage_params
 from .serial import GradBucket, sync_device
+from .stats import FIRST_BAD_NONE, PhaseStats
 
 PARALLEL_METHODS = ("penalty", "al")
-
-
-@dataclass
-class ParallelStats:
-    local_loss: float       # this rank's local objective, mean over the epoch's samples
-    train_loss: float       # CE of the last stage (NaN on other ranks)
-    train_acc: float        # accuracy of the last stage on auxiliary inputs (NaN elsewhere)
-    residual: float         # mean ||D(Phi_{k-1}(in_{k-1})) - a_k|| per sample (NaN on rank 0)
-    multiplier_norm: float  # mean ||m_k|| per sample after the update (AL; NaN otherwise)
-    steps: int
-    samples: int
-    compute_seconds: float
-
-
-def stage_params(model, start, end):
-    return [p for el in model.elements[start:end] for p in el.parameters()]
 
 
 class ParallelEngine:
@@ -74,6 +58,7 @@ class ParallelEngine:
         self.replicas = 1 if replica_comm is None else replica_comm.size
         self.sub_batch = batch_size // self.replicas
         self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 else None
+        self.probe = None  # the epoch's last batch: ids and the gradient applied (diagnostics.py)
 
     # ---- helpers -------------------------------------------------------------------------
     def _slots(self, shape):
@@ -99,7 +84,7 @@ class ParallelEngine:
         return c * h * w
 
     # ---- one epoch -----------------------------------------------------------------------
-    def train_epoch(self, epoch: int, lr_fn, beta: float) -> ParallelStats:
+    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:  # noqa: C901
         model, comm, W = self.model, self.comm, self.window
         model.train()
         for p in model.parameters():  # only this stage's parameters get gradients and steps
@@ -119,8 +104,9 @@ class ParallelEngine:
         pending = [None] * W  # per slot: (batch j, idx, a_old, p) awaiting D(u_{k-1}) of batch j
         # Epoch sums stay on the device (float64) and are read once at the end: a float() per batch
         # would synchronise a GPU every step and undo the overlap the windowed messages buy.
-        LOCAL, CE, CORRECT, RES, MULT = range(5)
-        acc = torch.zeros(5, dtype=torch.float64, device=self.device)
+        LOCAL, CE, CORRECT, RES, MULT, BAD_AUX = range(6)
+        acc = torch.zeros(6, dtype=torch.float64, device=self.device)
+        first_bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=self.device)
         counts = {"n": 0, "nupd": 0}
 
         def post_target_recv(j):
@@ -148,7 +134,9 @@ class ParallelEngine:
                 a_new, m_new = al_update(a_old, self.store.gather(idx, "m"), z, p, beta, self.eta)
                 self.store.scatter(idx, m_new, "m")
                 acc[MULT] += m_new.flatten(1).norm(dim=1).sum()
+                acc[BAD_AUX] += (~torch.isfinite(m_new)).sum()
             self.store.scatter(idx, a_new)
+            acc[BAD_AUX] += (~torch.isfinite(a_new)).sum()
             acc[RES] += torch.linalg.vector_norm((z - a_old).flatten(1), dim=1).sum()
             counts["nupd"] += len(idx)
             pending[s] = None
@@ -200,7 +188,10 @@ class ParallelEngine:
                 # the mean over the R sub-batches = the gradient of the global batch
                 self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
                 self.bucket.flat /= self.replicas
+            if j == nb - 1:
+                self.probe = {"idx": [idx], "beta": beta}
             self.opt.step()
+            first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, torch.clamp(first_bad, max=j))
             acc[LOCAL] += loss.detach() * n
             counts["n"] += n
             if not self.last:
@@ -232,14 +223,41 @@ class ParallelEngine:
         nan = float("nan")
         sums = acc.tolist()  # the one host read of the epoch
         ns, nu = max(counts["n"], 1), max(counts["nupd"], 1)
-        return ParallelStats(
+        bad = int(first_bad)
+        return PhaseStats(
             local_loss=sums[LOCAL] / ns,
             train_loss=sums[CE] / ns if self.last else nan,
             train_acc=sums[CORRECT] / ns if self.last else nan,
             residual=sums[RES] / nu if not self.first else nan,
             multiplier_norm=sums[MULT] / nu if (self.method == "al" and not self.first) else nan,
             steps=nb, samples=counts["n"],
-            compute_seconds=elapsed - (comm.counters.comm_seconds - comm_before))
+            compute_seconds=elapsed - (comm.counters.comm_seconds - comm_before),
+            first_bad_step=None if bad >= FIRST_BAD_NONE else bad,
+            extra={"nonfinite_aux": int(sums[BAD_AUX])})
+
+    def probe_gradient(self) -> list:
+        """Collective over the pipeline: the gradient this stage would take now for the probe batch
+        (the epoch's last batch) with the auxiliary inputs and targets the coupling holds for it."""
+        idx, beta = self.probe["idx"][0], self.probe["beta"]
+        n = len(idx)
+        target = None
+        if not self.last:
+            target = torch.empty((n,) + self.filter.coarse_shape(self.out_shape), device=self.device)
+            req = self.comm.irecv(target, self.next, tag=32003, key="probe-t")
+        if not self.first:
+            self.comm.isend(self.targets_for(idx, beta).contiguous(), self.prev, tag=32003, key="probe-ts").wait()
+        x = self.data.train_batch(idx)[0] if self.first else self.filter.up(self.store.gather(idx))
+        saved = [b.clone() for b in self.model.buffers()]
+        u = self.model(x, self.start, self.end)
+        if self.last:
+            loss = F.cross_entropy(u, self.data.train_y[idx.to(self.device)])
+        else:
+            req.wait()
+            loss = F.mse_loss(self.filter.down(u), target, reduction="sum") * (0.5 * beta / n)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        for b, v in zip(self.model.buffers(), saved):
+            b.copy_(v)
+        return [g if g is not None else torch.zeros_like(q) for g, q in zip(grads, self.params)]
 
     def bytes_per_epoch(self, samples: int, element_size: int) -> int:
         """The formula of ALGORITHM.md s.4 for what this rank sends in an epoch."""

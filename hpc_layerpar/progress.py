@@ -27,16 +27,30 @@ class Progress:
             sys.stdout.flush()
 
 
+def _num(v, fmt=".3g") -> str:
+    """A figure as text; NaN and infinities print as such, never as a number they are not."""
+    return format(v, fmt) if math.isfinite(v) else ("nan" if math.isnan(v) else ("inf" if v > 0 else "-inf"))
+
+
+def _per(values, skip_first=False, skip_last=False) -> str:
+    """Per-boundary or per-stage values, comma separated; slots that do not apply are dropped
+    (rank 0 has no incoming boundary), but a NaN where a value belongs prints as nan."""
+    vals = list(values)[1 if skip_first else 0:len(values) - (1 if skip_last else 0)]
+    return ",".join(_num(v, ".2f") for v in vals)
+
+
 def epoch_line(row: dict, n_epochs: int) -> str:
     acc = "" if math.isnan(row["test_acc"]) else \
-        f" test_loss {row['test_loss']:.4f} test_acc {100 * row['test_acc']:6.2f}%"
+        f" test_loss {_num(row['test_loss'], '.4f')} test_acc {100 * row['test_acc']:6.2f}%"
     par = ""
     if row["phase"] != "serial":
-        res = [r for r in row["residual"] if not math.isnan(r)]
-        par = (f" beta {row['beta']:.3g} residual {sum(res) / max(len(res), 1):.3g}"
+        res = list(row["residual"])[1:]
+        par = (f" beta {_num(row['beta'])} residual {_per(res)}"
+               f" consistency {_per(row['consistency'], skip_first=True)}"
+               f" cos {_per(row['grad_cosine'])}"
                f" wait {max(row['wait_seconds']):.2f}s")
     sw = f" switch {row['switch_seconds']:.2f}s" if row["switch_seconds"] > 0.005 else ""
     return (f"epoch {row['epoch'] + 1:4d}/{n_epochs} {row['phase']:7s} lr {row['lr']:.4f} "
-            f"train_loss {row['train_loss']:.4f} train_acc {100 * row['train_acc']:6.2f}%{acc}{par} "
-            f"time {row['epoch_seconds']:.2f}s (compute {max(row['compute_seconds']):.2f}s, "
+            f"train_loss {_num(row['train_loss'], '.4f')} train_acc {_num(100 * row['train_acc'], '6.2f')}%"
+            f"{acc}{par} time {row['epoch_seconds']:.2f}s (compute {max(row['compute_seconds']):.2f}s, "
             f"comm {max(row['comm_seconds']):.2f}s){sw}")

@@ -54,6 +54,9 @@ def check_fit(cfg: Config, data: DeviceDataset, comm: Comm) -> None:
     if h != w or h % 4:
         raise ConfigError(f"images of {data.name} are {h}x{w}; the models need square images whose side "
                           "is divisible by 4. Re-create the dataset or pad it.")
+    if cfg.data.subset > data.n_train_file:
+        raise ConfigError(f"data.subset={cfg.data.subset} exceeds the {data.n_train_file} training images of "
+                          f"{data.name}; use at most {data.n_train_file}, or 0 for all of them.")
     if cfg.data.batch_size > data.n_train:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} exceeds the {data.n_train} training "
                           f"images of {data.name}; use a smaller batch.")
@@ -103,11 +106,12 @@ def stage_ranges(model, k: int, pcfg, costs) -> list:
 
 
 def aux_bytes(model, ranges, n_train: int, pcfg, with_multipliers: bool) -> list:
-    """Bytes of auxiliary storage per rank (rank 0 owns no boundary)."""
+    """Bytes of per-sample auxiliary storage per rank. Epoch coupling: a_k (and m_k) of every
+    training sample on rank k >= 1. Pipeline coupling: the auxiliary variables live only while a
+    micro-batch is in flight; AL keeps per-sample multipliers of boundary k+1 on rank k."""
     filt = DSFilter(pcfg.ds)
     size = DTYPES[pcfg.aux_dtype].itemsize
-    out = [0]
-    for a, _ in ranges[1:]:
-        c, h, w = filt.coarse_shape(model.shapes[a])
-        out.append(n_train * c * h * w * size * (2 if with_multipliers else 1))
-    return out
+    rows = [n_train * int(torch.Size(filt.coarse_shape(model.shapes[a])).numel()) * size for a, _ in ranges[1:]]
+    if pcfg.coupling == "pipeline":
+        return [r if with_multipliers else 0 for r in rows] + [0]
+    return [0] + [r * (2 if with_multipliers else 1) for r in rows]

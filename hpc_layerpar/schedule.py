@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-METHODS = ("serial", "penalty", "al")
+# skip: epochs that train nothing but keep their place in the learning-rate schedule (the serial-only
+# control of an SPH schedule is its phase list with the parallel methods replaced by skip).
+METHODS = ("serial", "penalty", "al", "skip")
 PARALLEL = ("penalty", "al")
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import epoch_batches, shard_range
+from .stats import FIRST_BAD_NONE
 
 
 def sync_device(device: torch.device) -> None:
@@ -52,6 +53,7 @@ class EpochStats:
     steps: int
     samples: int
     compute_seconds: float
+    first_bad_step: int | None = None  # the first step whose loss was not finite (divergence guard)
 
 
 class SerialEngine:
@@ -74,6 +76,7 @@ class SerialEngine:
         self.bucket.attach()  # a phase switch may have replaced .grad; re-bind the views
         batches = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
         totals = torch.zeros(GradBucket.EXTRA, dtype=torch.float64, device=self.device)
+        bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=self.device)
         samples = 0
         compute = 0.0
         for step, idx in enumerate(batches):
@@ -103,6 +106,7 @@ class SerialEngine:
             t0 = time.perf_counter()
             self.opt.step()
             totals += self.bucket.extra  # stays on the device: no per-step host sync
+            bad = torch.where(torch.isfinite(self.bucket.extra[0]), bad, torch.clamp(bad, max=step))
             samples += gb
             sync_device(self.device)
             compute += time.perf_counter() - t0
@@ -110,8 +114,10 @@ class SerialEngine:
                 on_step(step + 1, len(batches), float(totals[0]) / max(samples, 1))
         self.sync_buffers()
         loss_sum, correct = totals.tolist()
+        first_bad = int(bad)
         return EpochStats(train_loss=loss_sum / max(samples, 1), train_acc=correct / max(samples, 1),
-                          steps=len(batches), samples=samples, compute_seconds=compute)
+                          steps=len(batches), samples=samples, compute_seconds=compute,
+                          first_bad_step=None if first_bad >= FIRST_BAD_NONE else first_bad)
 
     def sync_buffers(self):
         """Average BatchNorm running statistics over ranks once per epoch, so every rank holds the

@@ -55,7 +55,7 @@ def curves(runs, path: str) -> None:
 
 def time_split(runs, path: str) -> None:
     """Per rank, mean seconds per epoch in compute, waiting for messages, and other MPI time."""
-    groups = {k: rs[0] for k, rs in group(runs).items() if rs[0].ranks > 1}
+    groups = {k: rs[0] for k, rs in group(runs).items() if rs[0].ranks > 1 and "simulated" not in k[2]}
     if not groups:
         return
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * sum(r.ranks for r in groups.values())), 4.5))
@@ -114,6 +114,8 @@ def rho_vs_k(runs, path: str, table, model_curve=None) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for row in table:  # columns as in tables.HEADER
         method, k, ranks = row[2], row[4], row[3]
+        if "simulated" in method:
+            continue
         par = method not in ("serial", "data-parallel")
         rho = row[11] if par else row[12]  # parallel epochs; whole run for back-propagation
         if math.isnan(rho) or ranks == 1:
@@ -136,3 +138,43 @@ def rho_vs_k(runs, path: str, table, model_curve=None) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def health(runs, path: str) -> bool:
+    """Per parallel group (mean over seeds), by epoch: consistency ||a_k - D(x_k)|| / ||D(x_k)||
+    (mean over boundaries, band: best to worst boundary) and the cosine between each stage's
+    gradient and true back-propagation (mean over stages, band: worst to best). Serial epochs are
+    gaps. Returns False when no run has these columns."""
+    items = []
+    for key, rs in sorted(group(runs).items(), key=lambda kv: _label(kv[0])):
+        if key[2].split(" ")[0] in ("serial", "data-parallel"):
+            continue
+        n = min(len(r.columns["epoch"]) for r in rs)
+        cons = np.nanmean([r.columns["consistency"][:n] for r in rs], axis=0)[:, 1:]
+        cos = np.nanmean([r.columns["grad_cosine"][:n] for r in rs], axis=0)
+        if np.isnan(cons).all() and np.isnan(cos).all():
+            continue
+        items.append((_label(key), cons, cos))
+    if not items:
+        return False
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    with np.errstate(all="ignore"):
+        for label, cons, cos in items:
+            ep = np.arange(1, len(cons) + 1)
+            for ax, v, lo, hi in ((ax1, np.nanmean(cons, 1), np.nanmin(cons, 1), np.nanmax(cons, 1)),
+                                  (ax2, np.nanmean(cos, 1), np.nanmin(cos, 1), np.nanmax(cos, 1))):
+                line, = ax.plot(ep, v, marker=".", label=label)
+                ax.fill_between(ep, lo, hi, color=line.get_color(), alpha=0.15)
+    ax1.set(xlabel="epoch", ylabel="||a_k - D(x_k)|| / ||D(x_k)||", yscale="log",
+            title="Consistency: auxiliary inputs vs true forward states")
+    ax2.set(xlabel="epoch", ylabel="cosine", ylim=(-0.2, 1.02),
+            title="Gradient fidelity: stage gradient vs true back-propagation")
+    ax2.axhline(1.0, color="0.6", lw=0.8, ls=":")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+    fig.text(0.5, 0.005, "lines: mean over boundaries / stages; bands: best to worst; gaps: serial epochs",
+             ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

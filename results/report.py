@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     plots.time_split(runs, os.path.join(a.out, "time_split.png"))
     plots.traffic(runs, os.path.join(a.out, "traffic.png"))
     plots.rho_vs_k(runs, os.path.join(a.out, "rho_vs_k.png"), table, model_curve(runs))
+    plots.health(runs, os.path.join(a.out, "health.png"))
     print(open(os.path.join(a.out, "summary.md")).read())
     print(f"wrote {a.out}/summary.md, summary.csv, " + ", ".join(
         sorted(f for f in os.listdir(a.out) if f.endswith(".png"))))

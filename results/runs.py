@@ -35,6 +35,9 @@ class Run:
 
     @property
     def final_acc(self) -> float:
+        """The last evaluated test accuracy; NaN for a run the divergence guard stopped."""
+        if self.status == "diverged":
+            return math.nan
         acc = self.columns["test_acc"]
         acc = acc[~np.isnan(acc)]
         return float(acc[-1]) if len(acc) else math.nan
@@ -72,6 +75,8 @@ def method_of(cfg: dict, world: int) -> str:
     methods = [p.split(":")[0] for p in cfg["train"]["phases"].strip("()").split(")")[0].split(",")]
     par = sorted({m for m in methods if m in PARALLEL})
     if not par:
+        if "skip" in methods:
+            return "serial-only control" + ("" if world == 1 else " (data-parallel)")
         return "serial" if world == 1 else "data-parallel"
     return ("SPH-" if "serial" in methods else "") + "+".join(par)
 
@@ -85,6 +90,9 @@ def load(paths) -> list[Run]:
         replicas = int(cfg.get("parallel", {}).get("replicas", 1))
         method = method_of(cfg, world)
         parallel = method not in ("serial", "data-parallel")
+        if a.get("simulated_ranks"):
+            # threads of one process: the accuracy is that of `world` ranks, the timings are not
+            method += " (simulated)"
         runs.append(Run(
             path=p, dataset=str(a.get("dataset", "?")), model=str(a.get("model", "?")), method=method,
             ranks=world, stages=world // replicas if parallel else 1, replicas=replicas if parallel else world,
@@ -102,7 +110,11 @@ def group(runs: list[Run]) -> dict:
     return out
 
 
-def mean_std(values) -> tuple[float, float]:
+def mean_std(values, keep_nan: bool = False) -> tuple[float, float]:
+    """Mean and population spread. keep_nan: one NaN (a diverged run) makes the mean NaN, so a
+    table never averages a failure away; otherwise NaNs (figures that do not apply) are skipped."""
+    if keep_nan and any(math.isnan(v) for v in values):
+        return math.nan, math.nan
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
         return math.nan, math.nan

@@ -8,7 +8,7 @@ from .runs import group, mean_std
 
 HEADER = ["dataset", "model", "method", "ranks", "K", "R", "DS", "messages", "seeds", "test acc mean %",
           "test acc std", "rho parallel epoch", "rho whole run", "time to target s", "MB/epoch (wire)",
-          "aux MiB", "resumed runs", "incomplete runs"]
+          "aux MiB", "resumed runs", "incomplete runs", "diverged runs"]
 
 
 def baseline_epoch(groups: dict, dataset: str, model: str) -> float:
@@ -26,15 +26,19 @@ def rows(runs, target: float) -> list[list]:
         rs = groups[key]
         dataset, model, method, k, rep, ds, dt = key
         base = baseline_epoch(groups, dataset, model)
-        acc, sd = mean_std([100 * r.final_acc for r in rs])
+        acc, sd = mean_std([100 * r.final_acc for r in rs], keep_nan=True)
         par_t = mean_std([r.epoch_seconds("parallel") for r in rs])[0]
         all_t = mean_std([r.epoch_seconds("all") for r in rs])[0]
         tta = mean_std([r.time_to(target) for r in rs])[0]
         wire = mean_std([r.bytes_per_epoch("parallel" if method not in ("serial", "data-parallel") else "serial")
                          for r in rs])[0]
+        if "simulated" in method:  # no speed-up from threads that share one process's cores
+            par_t = all_t = tta = math.nan
         out.append([dataset, model, method, rs[0].ranks, k, rep, ds, dt, len(rs), acc, sd, base / par_t,
                     base / all_t, tta, wire / 1e6, rs[0].aux_bytes / 2**20,
-                    sum(1 for r in rs if "resumes" in r.attrs), sum(1 for r in rs if r.status != "completed")])
+                    sum(1 for r in rs if "resumes" in r.attrs),
+                    sum(1 for r in rs if r.status not in ("completed", "diverged")),
+                    sum(1 for r in rs if r.status == "diverged")])
     return out
 
 

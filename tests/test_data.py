@@ -87,3 +87,22 @@ def test_augment_crop_and_flip_match_manual_slicing():
     o2, f2 = aug.draws(epoch=0, step=0, n=5)
     assert torch.equal(offsets, o2) and torch.equal(flips, f2)
     assert not Augment(pad=1, flip=False, seed=1).draws(0, 0, 64)[1].any()
+
+
+def test_train_subset_is_balanced_fixed_and_nested():
+    from hpc_layerpar.data import train_subset
+
+    labels = np.repeat(np.arange(10), 100)[np.random.default_rng(3).permutation(1000)]
+    a, b = train_subset(labels, 250), train_subset(labels, 500)
+    assert len(a) == 250 and len(set(a.tolist())) == 250 and (np.diff(a) > 0).all()
+    counts = np.bincount(labels[a], minlength=10)
+    assert counts.max() - counts.min() <= 1, counts
+    assert set(a.tolist()) <= set(b.tolist()), "a smaller subset is part of a larger one"
+    assert np.array_equal(a, train_subset(labels, 250)), "the same ids every time"
+    assert len(train_subset(labels, 0)) == 1000 and len(train_subset(labels, 5000)) == 1000
+
+
+def test_dataset_subset_keeps_the_test_set_whole(tmp_path):
+    p = make_dataset(tmp_path / "d.h5", n_train=64, n_test=32)
+    ds = DeviceDataset(p, torch.device("cpu"), subset=20)
+    assert ds.n_train == 20 and ds.n_test == 32 and ds.n_train_file == 64

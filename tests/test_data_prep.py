@@ -67,6 +67,24 @@ def test_mnist_idx_roundtrip(tmp_path, gz):
     assert d["num_classes"] == 10 and not d["hflip"]
 
 
+def test_fashion_idx_roundtrip_marks_flips_label_preserving(tmp_path):
+    truth = make_mnist_raw(tmp_path / "raw")
+    d = read_dataset(convert("fashion", str(tmp_path / "fashion.h5"), raw=str(tmp_path / "raw")))
+    assert d["name"] == "fashion" and d["hflip"] and d["num_classes"] == 10
+    assert np.array_equal(d["train"][0][:, 0], truth["train"][0])
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Debian package dataset-fashion-mnist not installed")
+def test_fashion_from_the_debian_package_without_raw(tmp_path):
+    """`python -m data_prep fashion` finds /usr/share/datasets/fashion-mnist by itself."""
+    out = tmp_path / "f.h5"
+    assert main(["fashion", "--out", str(out)]) == 0
+    d = read_dataset(str(out))
+    assert d["train"][0].shape == (60000, 1, 28, 28) and d["test"][0].shape == (10000, 1, 28, 28)
+    assert np.bincount(d["train"][1]).tolist() == [6000] * 10
+
+
 def test_mnist_truncated_and_missing(tmp_path):
     make_mnist_raw(tmp_path / "raw", gz=False)
     p = tmp_path / "raw" / "train-images-idx3-ubyte"

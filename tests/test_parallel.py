@@ -15,7 +15,7 @@ from hpc_layerpar.parallel import ParallelEngine
 from hpc_layerpar.partition import balanced_partition
 from hpc_layerpar.serial import SerialEngine, make_optimizer
 from hpc_layerpar.sweep import forward_sweep, share_stages
-from simulate import simulate
+from reference import simulate
 
 SEED, BATCH, LR, EPOCHS, BETA = 5, 16, 0.02, 2, 0.02
 OPT = OptimConfig(lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -229,3 +229,50 @@ def test_eta_one_penalty_gradient_equals_the_backpropagated_one():
     d = z.clone().requires_grad_(True)
     (0.5 * beta * (d - target).pow(2).sum()).backward()
     assert torch.allclose(d.grad, p, atol=1e-5)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_epoch_coupling_contracts_only_when_beta_exceeds_the_curvature(world, tiny_data, method):
+    """Version 1's rule with frozen parameters (no BatchNorm, so the true states are fixed): at the
+    boundary next to the cross-entropy the update a <- z - p(a)/beta contracts when beta exceeds
+    the loss's curvature, successive changes of a shrink every epoch, and does not when beta is
+    small (the step p/beta overshoots), which is one of the failures that made the pipeline
+    coupling the default (ALGORITHM.md s.10). With K >= 3 a middle boundary's update
+    a <- z - J^T (Phi(a) - a_next) has a gain sigma(J)^2 that beta cancels out of: it expands
+    even at a large beta (the other failure); the test checks that too."""
+    if world.size < 2:
+        pytest.skip("needs a boundary: run under mpiexec -n >= 2")
+    data = DeviceDataset(tiny_data, torch.device("cpu"))
+
+    def frozen():
+        torch.manual_seed(SEED)
+        return build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4, norm="none")
+
+    ranges = balanced_partition(frozen().costs, world.size)
+    steps = {}
+    for beta in (50.0, 1e-3):
+        model = frozen()
+        opt = make_optimizer(model, OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.0))
+        eng = ParallelEngine(model, opt, world, data, ranges, ParallelConfig(coupling="epoch", window=2),
+                             method=method, batch_size=BATCH, drop_last=True, seed=SEED)
+        forward_sweep(model, ranges, world, data, eng.store, eng.filter, BATCH)
+        prev = None if eng.store is None else eng.store.a.clone()
+        out = []
+        for e in range(5):
+            eng.train_epoch(e, lambda t: 0.0, beta)
+            if eng.store is not None:
+                out.append(float((eng.store.a - prev).norm()))
+                prev = eng.store.a.clone()
+        steps[beta] = out
+    if world.size >= 3 and world.rank == 1:  # a middle boundary
+        big = steps[50.0]
+        ok = big[-1] > 10 * max(big[1], 1e-12)
+    elif world.size == 2 and world.rank == 1:
+        big, small = steps[50.0], steps[1e-3]
+        # AL with eta = 1 keeps no memory (m = p) and settles in pairs of epochs: non-expansive, then small
+        ok = all(b <= 1.001 * a for a, b in zip(big, big[1:])) and big[-1] < 0.05 * big[0] \
+            and small[-1] > 0.5 * small[0]
+    else:
+        ok = True
+    assert_all(world, ok, f"rank {world.rank}: changes of a by epoch {steps}")

@@ -21,7 +21,8 @@ def runs(tmp_path_factory):
             ("digits-resnet-serial", 2, ["train.phases=serial:3"]),
             ("digits-resnet-penalty", 2, ["train.phases=penalty:2,serial:1"]),
             ("digits-resnet-penalty-ds2", 2, ["train.phases=penalty:2,serial:1"]),
-            ("digits-resnet-al", 2, ["train.phases=al:2,serial:1", "train.seed=1"])]
+            ("digits-resnet-al", 2, ["train.phases=al:2,serial:1", "train.seed=1"]),
+            ("digits-resnet-penalty", 1, ["train.phases=penalty:2,serial:1", "parallel.simulate=2"])]
     for preset, n, extra in jobs:
         p = run_cli(["train", "--preset", preset] + [x for s in common + extra for x in ("--set", s)], n=n)
         assert p.returncode == 0, p.stderr
@@ -35,14 +36,18 @@ def test_report_writes_tables_and_plots(runs):
     rows = list(csv.DictReader(open(tmp / "rep" / "summary.csv")))
     methods = {(r["method"], r["DS"]) for r in rows}
     assert methods == {("serial", "1"), ("data-parallel", "1"), ("SPH-penalty", "1"), ("SPH-penalty", "2"),
-                       ("SPH-al", "1")}
+                       ("SPH-al", "1"), ("SPH-penalty (simulated)", "1")}
     serial = next(r for r in rows if r["method"] == "serial")
     assert float(serial["rho whole run"]) == pytest.approx(1.0)
     pen = {r["DS"]: r for r in rows if r["method"] == "SPH-penalty"}
     assert float(pen["1"]["MB/epoch (wire)"]) == pytest.approx(4 * float(pen["2"]["MB/epoch (wire)"]), rel=1e-6)
-    assert float(pen["1"]["aux MiB"]) > float(pen["2"]["aux MiB"]) > 0
-    assert all(float(r["rho parallel epoch"]) > 0 for r in rows if r["method"].startswith("SPH"))
-    for png in ("curves.png", "time_split.png", "traffic.png", "rho_vs_k.png"):
+    # pipeline coupling: penalty keeps no per-sample state, AL its multipliers
+    assert float(pen["1"]["aux MiB"]) == 0
+    assert float(next(r for r in rows if r["method"] == "SPH-al")["aux MiB"]) > 0
+    sim = next(r for r in rows if "simulated" in r["method"])
+    assert sim["rho parallel epoch"] == "nan" and float(sim["test acc mean %"]) > 0, "no speed-up for threads"
+    assert all(float(r["rho parallel epoch"]) > 0 for r in rows if r["method"] in ("SPH-penalty", "SPH-al"))
+    for png in ("curves.png", "time_split.png", "traffic.png", "rho_vs_k.png", "health.png"):
         f = tmp / "rep" / png
         assert f.exists() and f.stat().st_size > 10_000, png
         assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

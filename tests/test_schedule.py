@@ -3,7 +3,7 @@ import math
 import pytest
 
 from hpc_layerpar.config import ConfigError
-from hpc_layerpar.schedule import Phase, lr_at, parse_phases, phase_of_epoch, total_epochs
+from hpc_layerpar.schedule import Phase, lr_at, parallel_epochs_before, parse_phases, phase_of_epoch, total_epochs
 
 
 def test_parse_simple_and_repeated():
@@ -34,3 +34,11 @@ def test_lr_schedules():
     assert math.isclose(lr_at(2, schedule="cosine", warmup=2, **kw), 0.1)
     step = dict(schedule="step", milestones=(3, 6), gamma=0.1, **kw)
     assert [round(lr_at(t, **step), 6) for t in (0, 2.9, 3, 6.5)] == [0.1, 0.1, 0.01, 0.001]
+
+
+def test_skip_epochs_keep_their_place_in_the_schedule():
+    """The serial-only control of penalty:3,serial:2 is skip:3,serial:2: same lr at the serial epochs."""
+    phases = parse_phases("skip:3,serial:2")
+    assert [p.method for p in phases] == ["skip", "serial"] and total_epochs(phases) == 5
+    assert phase_of_epoch(phases, 3)[1].method == "serial"
+    assert parallel_epochs_before(phases, 4) == 0

@@ -1,0 +1,243 @@
+"""The exact one-process simulator (`--set parallel.simulate=N`): N virtual ranks as N threads of one
+process, each running the very same training code (train.run) on an in-process communicator with the
+interface, message matching and byte accounting of comm.Comm. The parameters, auxiliary variables,
+multipliers and metrics equal those of an N-rank MPI job (the tests check it); the timings do not
+(the threads share this process's cores), so reports give no speed-up for simulated runs.
+
+Use it to study K = 8 or 16 stages on one GPU or a laptop."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict, deque
+
+import numpy as np
+import torch
+
+from .comm import Counters
+
+PROC_NULL = -32766  # sends to and receives from it are no-ops, as MPI.PROC_NULL
+POLL_S = 0.2        # how often a blocked thread looks whether the simulation was aborted
+
+
+class SimulationAborted(RuntimeError):
+    """Raised in every virtual rank once one of them failed (the others must not wait forever)."""
+
+
+class _Hub:
+    """State shared by the members of one communicator: mailboxes, collective slots, sub-hubs."""
+
+    def __init__(self, size: int, abort: threading.Event):
+        self.size, self.abort = size, abort
+        self.cond = threading.Condition()
+        self.messages = defaultdict(deque)   # (dst, src, tag) -> payloads not yet matched
+        self.receivers = defaultdict(deque)  # (dst, src, tag) -> posted receives not yet matched
+        self.slots: dict = {}
+        self.children: dict = {}
+
+    def wait(self):
+        """cond.wait, but give up when the simulation was aborted (the caller holds cond)."""
+        if self.abort.is_set():
+            raise SimulationAborted("another virtual rank failed")
+        self.cond.wait(POLL_S)
+        if self.abort.is_set():
+            raise SimulationAborted("another virtual rank failed")
+
+
+class _Done:
+    """A completed request (sends are buffered at once; PROC_NULL is a no-op)."""
+
+    def wait(self):
+        return None
+
+    def test(self) -> bool:
+        return True
+
+
+class _Recv:
+    """A posted receive, matched in posting order as MPI does."""
+
+    def __init__(self, comm: "ThreadComm", t: torch.Tensor):
+        self.comm, self.t = comm, t
+        self.payload = None
+        self.done = False
+
+    def _finish(self):
+        self.t.copy_(self.payload)
+        self.payload = None
+        self.done = True
+
+    def wait(self):
+        if self.done:
+            return
+        hub = self.comm.hub
+        t0 = time.perf_counter()
+        with hub.cond:
+            while self.payload is None:
+                hub.wait()
+        dt = time.perf_counter() - t0
+        self.comm.counters.wait_seconds += dt
+        self.comm.counters.comm_seconds += dt
+        self._finish()
+
+    def test(self) -> bool:
+        if not self.done and self.payload is not None:
+            self._finish()
+        return self.done
+
+
+class ThreadComm:
+    """The comm.Comm interface for one virtual rank of a simulated job."""
+
+    def __init__(self, hub: _Hub, rank: int):
+        self.hub, self.rank, self.size = hub, rank, hub.size
+        self.local_rank, self.local_size = rank, hub.size  # one node
+        self.cuda_aware, self.stage_all = False, False
+        self.counters = Counters()
+        self._seq = 0
+
+    # ---- point to point ------------------------------------------------------------------
+    def isend(self, t: torch.Tensor, dest: int, tag: int, key=None):
+        if dest == PROC_NULL:
+            return _Done()
+        payload = t.detach().clone()
+        self.counters.bytes_sent += t.numel() * t.element_size()
+        hub, k = self.hub, (dest, self.rank, tag)
+        with hub.cond:
+            if hub.receivers[k]:
+                hub.receivers[k].popleft().payload = payload
+            else:
+                hub.messages[k].append(payload)
+            hub.cond.notify_all()
+        return _Done()
+
+    def irecv(self, t: torch.Tensor, source: int, tag: int, key=None):
+        if source == PROC_NULL:
+            return _Done()
+        self.counters.bytes_recv += t.numel() * t.element_size()
+        req = _Recv(self, t)
+        hub, k = self.hub, (self.rank, source, tag)
+        with hub.cond:
+            if hub.messages[k]:
+                req.payload = hub.messages[k].popleft()
+            else:
+                hub.receivers[k].append(req)
+        return req
+
+    def neighbours(self) -> tuple[int, int]:
+        prev = self.rank - 1 if self.rank > 0 else PROC_NULL
+        nxt = self.rank + 1 if self.rank < self.size - 1 else PROC_NULL
+        return prev, nxt
+
+    # ---- collectives ---------------------------------------------------------------------
+    def _exchange(self, value) -> list:
+        """Every member contributes a value and gets all of them, in rank order."""
+        hub = self.hub
+        seq = self._seq
+        self._seq += 1
+        with hub.cond:
+            slot = hub.slots.setdefault(seq, {"values": [None] * self.size, "in": 0, "out": 0})
+            slot["values"][self.rank] = value
+            slot["in"] += 1
+            hub.cond.notify_all()
+            while slot["in"] < self.size:
+                hub.wait()
+            out = list(slot["values"])
+            slot["out"] += 1
+            if slot["out"] == self.size:
+                del hub.slots[seq]
+        return out
+
+    def _ring_bytes(self, t):
+        if self.size > 1:
+            vol = int(2 * (self.size - 1) * t.numel() * t.element_size() // self.size)
+            self.counters.bytes_sent += vol
+            self.counters.bytes_recv += vol
+
+    def allreduce_(self, t: torch.Tensor, key="allreduce") -> torch.Tensor:
+        t0 = time.perf_counter()
+        parts = self._exchange(t.detach().clone())
+        total = parts[0].clone()
+        for p in parts[1:]:
+            total += p
+        t.copy_(total)
+        self.counters.comm_seconds += time.perf_counter() - t0
+        self._ring_bytes(t)
+        return t
+
+    def allreduce_array(self, values, op="sum") -> np.ndarray:
+        parts = self._exchange(np.asarray(values, dtype=np.float64).copy())
+        fn = {"sum": np.sum, "max": np.max, "min": np.min}[op]
+        return fn(np.stack(parts), axis=0)
+
+    def bcast_(self, t: torch.Tensor, root: int, key="bcast") -> torch.Tensor:
+        t0 = time.perf_counter()
+        parts = self._exchange(t.detach().clone() if self.rank == root else None)
+        if self.rank != root:
+            t.copy_(parts[root])
+        self.counters.comm_seconds += time.perf_counter() - t0
+        nbytes = t.numel() * t.element_size()
+        if self.size > 1:
+            if self.rank == root:
+                self.counters.bytes_sent += nbytes
+            else:
+                self.counters.bytes_recv += nbytes
+        return t
+
+    def bcast_obj(self, obj, root: int = 0):
+        return self._exchange(obj if self.rank == root else None)[root]
+
+    def allgather_obj(self, obj) -> list:
+        return self._exchange(obj)
+
+    def gather_obj(self, obj, root: int = 0):
+        out = self._exchange(obj)
+        return out if self.rank == root else None
+
+    def barrier(self):
+        self._exchange(None)
+
+    def split(self, color: int, key: int) -> "ThreadComm":
+        seq = self._seq
+        pairs = self._exchange((color, key))
+        members = sorted((k, r) for r, (c, k) in enumerate(pairs) if c == color)
+        new_rank = [r for _, r in members].index(self.rank)
+        with self.hub.cond:
+            hub = self.hub.children.setdefault((seq, color), _Hub(len(members), self.hub.abort))
+        return ThreadComm(hub, new_rank)
+
+    def free(self):
+        pass
+
+
+def run_simulated(n: int, fn, poll_s: float = POLL_S):
+    """Run fn(comm) on n threads with one ThreadComm each; return the list of results. If any
+    thread raises, the others are aborted and the first real error (lowest rank) is raised."""
+    abort = threading.Event()
+    hub = _Hub(n, abort)
+    results, errors = [None] * n, [None] * n
+
+    def target(r):
+        try:
+            results[r] = fn(ThreadComm(hub, r))
+        except BaseException as exc:  # noqa: BLE001 - reported by the driver below
+            errors[r] = exc
+            abort.set()
+
+    threads = [threading.Thread(target=target, args=(r,), name=f"virtual-rank-{r}", daemon=True)
+               for r in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(poll_s)  # short joins keep the main thread responsive to signals
+    except BaseException:
+        abort.set()
+        raise
+    real = [e for e in errors if e is not None and not isinstance(e, SimulationAborted)]
+    if real:
+        raise real[0]
+    if any(e is not None for e in errors):
+        raise next(e for e in errors if e is not None)
+    return results

@@ -1,0 +1,73 @@
+"""Per-epoch sums of a phase, kept on the device and read once at the end of the epoch (a float()
+per step would synchronise a GPU every step), and the stats record both phases return."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+FIRST_BAD_NONE = 2**62  # "no non-finite value seen" for the first-bad-step tracker
+
+
+@dataclass
+class PhaseStats:
+    """What one rank reports after an epoch of either phase. NaN where a value does not apply."""
+    local_loss: float        # this rank's local objective, mean over the epoch's samples (parallel)
+    train_loss: float        # cross-entropy: the whole network (serial) or the last stage (parallel)
+    train_acc: float
+    residual: float          # parallel: mean per-sample boundary residual (see metrics.py)
+    multiplier_norm: float   # AL: mean per-sample ||m|| after the update
+    steps: int
+    samples: int
+    compute_seconds: float
+    first_bad_step: int | None = None   # the first step (micro-batch) whose loss was not finite
+    extra: dict = field(default_factory=dict)
+
+
+class EpochSums:
+    """float64 accumulators on the device: local loss, CE, correct, residual, multiplier norm, and
+    the count of non-finite auxiliary values (multipliers) written."""
+    LOCAL, CE, CORRECT, RES, MULT, BAD = range(6)
+
+    def __init__(self, device):
+        self.acc = torch.zeros(6, dtype=torch.float64, device=device)
+        self.bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=device)
+        self.n = self.n_ce = self.n_res = 0
+
+    def add_local(self, loss, n: int, step: int) -> None:
+        self.acc[self.LOCAL] += loss * n
+        self.n += n
+        # where() keeps the check on the device: no host sync per step
+        self.bad = torch.where(torch.isfinite(loss), self.bad, torch.clamp(self.bad, max=step))
+
+    def add_ce(self, loss, correct, n: int) -> None:
+        self.acc[self.CE] += loss * n
+        self.acc[self.CORRECT] += correct
+        self.n_ce += n
+
+    def add_residual(self, norm_sum, n: int) -> None:
+        self.acc[self.RES] += norm_sum
+        self.n_res += n
+
+    def add_mult(self, norm_sum) -> None:
+        self.acc[self.MULT] += norm_sum
+
+    def add_nonfinite(self, values) -> None:
+        self.acc[self.BAD] += (~torch.isfinite(values)).sum()
+
+    def stats(self, *, first: bool, last: bool, al: bool, steps: int, compute_seconds: float,
+              residual_here: bool | None = None) -> PhaseStats:
+        s = self.acc.tolist()  # the one host read of the epoch
+        bad = int(self.bad)
+        nan = math.nan
+        n, nce, nres = max(self.n, 1), max(self.n_ce, 1), max(self.n_res, 1)
+        return PhaseStats(
+            local_loss=s[self.LOCAL] / n,
+            train_loss=s[self.CE] / nce if last else nan,
+            train_acc=s[self.CORRECT] / nce if last else nan,
+            residual=s[self.RES] / nres if self.n_res else nan,
+            multiplier_norm=s[self.MULT] / nres if (al and self.n_res) else nan,
+            steps=steps, samples=self.n, compute_seconds=compute_seconds,
+            first_bad_step=None if bad >= FIRST_BAD_NONE else bad,
+            extra={"nonfinite_aux": int(s[self.BAD])})

@@ -1,0 +1,204 @@
+"""Independent one-process references of the math of ALGORITHM.md, written from the text, not from
+the engines: the test oracles the MPI engines are compared with.
+
+- simulate(): the epoch coupling (s.4b). K stage copies processed one after another, no messages.
+  Within an epoch stage k only needs values of earlier epochs from stage k+1 and this epoch's D(u)
+  from stage k-1, so running the stages in order 0..K-1 reproduces what the concurrent ranks compute.
+- pipeline(): the pipeline coupling (s.4). Tick by tick: at tick t stage k forwards micro-batch
+  t - k and updates with micro-batch t - 2(K-1) + k, whose adjoint stage k+1 produced at tick t-1."""
+import torch
+import torch.nn.functional as F
+
+from hpc_layerpar.auxstore import DTYPES, al_update, penalty_update
+from hpc_layerpar.data import epoch_batches, replica_batches, replica_shard
+from hpc_layerpar.filters import DSFilter
+
+
+def simulate(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_size, seed, lr, beta,
+             eta=1.0, message_dtype="float32", aux_dtype="float32", replicas=1):
+    """replicas R > 1: replica r owns the shard replica_shard(n, R, r) and steps on sub-batches of
+    batch_size / R; each stage's gradients are the mean over the R sub-batches of a step."""
+    K = len(ranges)
+    models = [make_model() for _ in range(K)]
+    opts = [make_opt(m) for m in models]
+    filt = DSFilter(ds)
+    wire, store = DTYPES[message_dtype], DTYPES[aux_dtype]
+
+    def rnd(t, dt):  # what a trip through a lower-precision buffer does to a value
+        return t.to(dt).to(torch.float32)
+
+    n = data.n_train
+    R = replicas
+    sub = batch_size // R
+    shards = [torch.arange(n)] if R == 1 else [replica_shard(n, R, r, seed) for r in range(R)]
+    A = [None] + [torch.zeros((n,) + filt.coarse_shape(models[0].shapes[a])) for a, _ in ranges[1:]]
+    M = [None] + [torch.zeros_like(t) for t in A[1:]]
+    # forward sweep: sequential batches, BatchNorm batch statistics, running statistics restored
+    with torch.no_grad():
+        saved = [[b.clone() for b in m.buffers()] for m in models]
+        for ids in shards:
+            for lo in range(0, len(ids), sub):
+                rows = ids[lo:lo + sub]
+                x = data.normalise(data.train_x[rows])
+                for k, (a, b) in enumerate(ranges):
+                    if k > 0:
+                        A[k][rows] = rnd(filt.down(x), store)
+                    if k < K - 1:
+                        x = models[k].train()(x, a, b)
+        for m, s in zip(models, saved):
+            for buf, v in zip(m.buffers(), s):
+                buf.copy_(v)
+    for e in range(epochs):
+        if R == 1:
+            per_replica = [epoch_batches(n, batch_size, seed, e, drop_last=True)]
+        else:
+            steps = (n // R) // sub
+            per_replica = [replica_batches(shards[r], sub, steps, seed, e, r) for r in range(R)]
+        z_prev = None
+        for k, (a0, b0) in enumerate(ranges):
+            z_this = [[] for _ in range(R)]
+            models[k].train()
+            for g in opts[k].param_groups:
+                g["lr"] = lr
+            for j in range(len(per_replica[0])):
+                opts[k].zero_grad(set_to_none=True)
+                todo = []
+                for r in range(R):
+                    idx = per_replica[r][j]
+                    nb = len(idx)
+                    av = None
+                    if k == 0:
+                        x = data.train_batch(idx)[0]
+                    else:
+                        av = A[k][idx].clone().requires_grad_(True)
+                        x = filt.up(av)
+                    u = models[k](x, a0, b0)
+                    if k == K - 1:
+                        loss = F.cross_entropy(u, data.train_y[idx])
+                    else:
+                        t = A[k + 1][idx] - (M[k + 1][idx] / beta if method == "al" else 0)
+                        t = rnd(t, wire)
+                        d = filt.down(u)
+                        loss = 0.5 * beta * (d - t).pow(2).sum() / nb
+                    loss.backward()  # sums the replicas' gradients, as the Allreduce does
+                    if k < K - 1:
+                        z_this[r].append(rnd(d.detach(), wire))
+                    todo.append((r, idx, nb, av))
+                if R > 1:
+                    for prm in models[k].parameters():
+                        if prm.grad is not None:
+                            prm.grad /= R
+                opts[k].step()
+                for r, idx, nb, av in todo:
+                    if k == 0:
+                        continue
+                    p = av.grad * nb
+                    z = z_prev[r][j]
+                    if method == "penalty":
+                        A[k][idx] = rnd(penalty_update(av.detach(), z, p, beta, eta), store)
+                    else:
+                        an, mn = al_update(av.detach(), M[k][idx], z, p, beta, eta)
+                        A[k][idx], M[k][idx] = rnd(an, store), rnd(mn, store)
+            z_prev = z_this
+    return models, A, M
+
+
+def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_size, micro, seed, lr, betas,
+             al_rho=0.5, message_dtype="float32", replicas=1):
+    """betas[k]: the penalty weight of boundary k+1 (the output of stage k). Returns (models, M) with
+    M[k] the per-sample multipliers of boundary k+1 (AL) or None."""
+    K = len(ranges)
+    models = [make_model() for _ in range(K)]
+    opts = [make_opt(m) for m in models]
+    filt = DSFilter(ds)
+    wire = DTYPES[message_dtype]
+    n, R = data.n_train, replicas
+    sub = batch_size // R
+    mb = sub // micro
+    shards = [torch.arange(n)] if R == 1 else [replica_shard(n, R, r, seed) for r in range(R)]
+    out_shapes = [filt.coarse_shape(models[0].shapes[b]) for _, b in ranges[:-1]]
+    M = [torch.zeros((n,) + s) if method == "al" else None for s in out_shapes] + [None]
+
+    def rnd(t):
+        return t.to(wire).to(torch.float32)
+
+    def bn_frozen(model):  # a recompute must not count the micro-batch twice in running statistics
+        class Ctx:
+            def __enter__(self):
+                self.bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+                self.saved = [(b.momentum, b.num_batches_tracked.clone()) for b in self.bns]
+                for b in self.bns:
+                    b.momentum = 0.0
+
+            def __exit__(self, *exc):
+                for b, (m, c) in zip(self.bns, self.saved):
+                    b.momentum = m
+                    b.num_batches_tracked.copy_(c)
+        return Ctx()
+
+    for e in range(epochs):
+        if R == 1:
+            big = [epoch_batches(n, batch_size, seed, e, drop_last=True)]
+        else:
+            steps = (n // R) // sub
+            big = [replica_batches(shards[r], sub, steps, seed, e, r) for r in range(R)]
+        mbs = [[b[i * mb:(i + 1) * mb] for b in big[r] for i in range(micro)] for r in range(R)]
+        nm = len(mbs[0])
+        nb = nm // micro
+        a_in = [[{} for _ in range(K)] for _ in range(R)]    # [r][k][j]: auxiliary input of stage k
+        z_out = [[{} for _ in range(K)] for _ in range(R)]   # what stage k sent for j
+        adj = [[{} for _ in range(K)] for _ in range(R)]     # adjoint arriving at stage k for j
+        updates = [0] * K
+        for m_ in models:
+            m_.train()
+        for o in opts:
+            o.zero_grad(set_to_none=True)
+        for t in range(nm + 2 * (K - 1)):
+            for k in range(K - 1, -1, -1):
+                a0, b0 = ranges[k]
+                jf, jb = t - k, t - 2 * (K - 1) + k
+                for r in range(R):
+                    if 0 <= jf < nm and k < K - 1:  # F: the forward message (stage K-1 forwards in B)
+                        x = data.train_batch(mbs[r][jf])[0] if k == 0 else filt.up(a_in[r][k][jf])
+                        with torch.no_grad():
+                            z_out[r][k][jf] = rnd(filt.down(models[k](x, a0, b0)))
+                        a_in[r][k + 1][jf] = z_out[r][k][jf]
+                if not 0 <= jb < nm:
+                    continue
+                for r in range(R):
+                    idx = mbs[r][jb]
+                    nbt = len(idx)
+                    leaf = None
+                    if k == 0:
+                        x = data.train_batch(idx)[0]
+                    else:
+                        leaf = a_in[r][k].pop(jb).clone().requires_grad_(True)
+                        x = filt.up(leaf)
+                    if k == K - 1:
+                        loss = F.cross_entropy(models[k](x, a0, b0), data.train_y[idx])
+                    else:
+                        with bn_frozen(models[k]):
+                            d = filt.down(models[k](x, a0, b0))
+                        numel = d[0].numel()
+                        anchor = z_out[r][k].pop(jb)
+                        p = adj[r][k].pop(jb)
+                        loss = (p * d).sum() / nbt + 0.5 * betas[k] / numel * (d - anchor).pow(2).sum() / nbt
+                        if method == "al":
+                            m = M[k][idx]
+                            loss = loss + (m * (d - anchor)).sum() / nbt
+                            M[k][idx] = m + al_rho * betas[k] / numel * (d - anchor).detach()
+                    (loss / micro).backward()  # sums the replicas' gradients, as the Allreduce does
+                    if leaf is not None:
+                        adj[r][k - 1][jb] = rnd(leaf.grad * nbt)
+                if (jb + 1) % micro == 0:
+                    for g in opts[k].param_groups:
+                        g["lr"] = lr
+                    if R > 1:
+                        for prm in models[k].parameters():
+                            if prm.grad is not None:
+                                prm.grad /= R
+                    opts[k].step()
+                    opts[k].zero_grad(set_to_none=True)
+                    updates[k] += 1
+        assert all(u == nb for u in updates)
+    return models, M

@@ -1,0 +1,221 @@
+"""The pipeline coupling (ALGORITHM.md s.4) against its independent one-process reference, the
+one-process simulator against MPI, and the properties the coupling promises. Marked mpi: K = the
+communicator size (1 under plain pytest, 2-4 under mpiexec)."""
+import threading
+
+import pytest
+import torch
+
+from conftest import assert_all
+from hpc_layerpar.comm import Comm
+from hpc_layerpar.config import OptimConfig, ParallelConfig
+from hpc_layerpar.data import DeviceDataset, replica_shard
+from hpc_layerpar.models import build_model
+from hpc_layerpar.partition import balanced_partition
+from hpc_layerpar.pipeline import PipelineEngine
+from hpc_layerpar.serial import SerialEngine, make_optimizer
+from hpc_layerpar.simulate import run_simulated
+from reference import pipeline as reference
+
+SEED, BATCH, LR, EPOCHS = 5, 16, 0.05, 2
+OPT = OptimConfig(lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+
+_LOCK = threading.Lock()  # the simulator's threads share torch's global RNG
+
+
+def make_model():
+    with _LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        return build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4)
+
+
+def betas_for(K):
+    """Distinct weights per boundary, so a mix-up between boundaries shows."""
+    return [0.5 + 0.25 * k for k in range(K - 1)] + [0.0]
+
+
+def run_engine(comm, data, ranges, pcfg, method, epochs=EPOCHS, reps=None, shard=None):
+    model = make_model()
+    opt = make_optimizer(model, OPT)
+    eng = PipelineEngine(model, opt, comm, data, ranges, pcfg, method=method, batch_size=BATCH,
+                         drop_last=True, seed=SEED, replica_comm=reps, shard=shard)
+    stats = [eng.train_epoch(e, lambda t: LR, betas_for(comm.size)[comm.rank]) for e in range(epochs)]
+    return model, eng, stats
+
+
+def stage_diff(model, ref_model, rng):
+    a, b = rng
+    mine = [p for el in model.elements[a:b] for p in el.parameters()]
+    ref = [p for el in ref_model.elements[a:b] for p in el.parameters()]
+    return max(float((x - y).detach().abs().max()) for x, y in zip(mine, ref))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method,ds,wire,micro", [("penalty", 1, "float32", 4), ("al", 1, "float32", 2),
+                                                  ("penalty", 2, "float32", 1), ("al", 2, "bfloat16", 4),
+                                                  ("penalty", 1, "bfloat16", 2)])
+def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, micro):
+    data = DeviceDataset(tiny_data, torch.device("cpu"))
+    ranges = balanced_partition(make_model().costs, world.size)
+    pcfg = ParallelConfig(ds=ds, micro_batches=micro, message_dtype=wire)
+    model, eng, _ = run_engine(world, data, ranges, pcfg, method)
+    ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=ds,
+                       epochs=EPOCHS, batch_size=BATCH, micro=micro, seed=SEED, lr=LR,
+                       betas=betas_for(world.size), message_dtype=wire)
+    k = world.rank
+    dp = stage_diff(model, ref[k], ranges[k])
+    moved = stage_diff(model, make_model(), ranges[k])
+    dm = 0.0
+    m_moved = True
+    if eng.store is not None:
+        dm = float((eng.store.a - M[k]).abs().max())
+        m_moved = float(M[k].abs().max()) > 0
+    assert_all(world, moved > 1e-3, f"parameters moved ({moved:.2e})")
+    assert_all(world, m_moved, "AL multipliers moved")
+    assert_all(world, dp < 1e-5 and dm < 1e-5, f"rank {k}: params {dp:.2e}, multipliers {dm:.2e}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_pipeline_hybrid_stages_times_replicas_equal_reference(world, tiny_data, method):
+    """World = K stages x R replicas (R = 2 on an even number of ranks)."""
+    R = 2 if world.size % 2 == 0 else 1
+    K = world.size // R
+    replica, stage = divmod(world.rank, K)
+    pipe, reps = world.split(replica, stage), world.split(stage, replica)
+    try:
+        data = DeviceDataset(tiny_data, torch.device("cpu"))
+        ranges = balanced_partition(make_model().costs, K)
+        shard = replica_shard(data.n_train, R, replica, SEED) if R > 1 else None
+        pcfg = ParallelConfig(micro_batches=2, replicas=R)
+        model = make_model()
+        eng = PipelineEngine(model, make_optimizer(model, OPT), pipe, data, ranges, pcfg, method=method,
+                             batch_size=BATCH, drop_last=True, seed=SEED,
+                             replica_comm=reps if R > 1 else None, shard=shard)
+        for e in range(EPOCHS):
+            eng.train_epoch(e, lambda t: LR, betas_for(K)[stage])
+    finally:
+        pipe.free()
+        reps.free()
+    ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=1,
+                       epochs=EPOCHS, batch_size=BATCH, micro=2, seed=SEED, lr=LR, betas=betas_for(K),
+                       replicas=R)
+    dp = stage_diff(model, ref[stage], ranges[stage])
+    dm = 0.0
+    if eng.store is not None:
+        ids = shard if shard is not None else torch.arange(data.n_train)
+        dm = float((eng.store.a - M[stage][ids]).abs().max())
+    assert_all(world, dp < 1e-5 and dm < 1e-5, f"rank {world.rank}: params {dp:.2e}, multipliers {dm:.2e}")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("coupling,method,ds,wire", [("pipeline", "penalty", 1, "float32"),
+                                                     ("pipeline", "al", 2, "bfloat16"),
+                                                     ("epoch", "al", 2, "bfloat16"),
+                                                     ("epoch", "penalty", 1, "float32")])
+def test_simulator_equals_mpi(world, tiny_data, coupling, method, ds, wire):
+    """The one-process simulator (K threads on an in-process communicator) gives the parameters,
+    auxiliary variables and multipliers the K MPI ranks give."""
+    from hpc_layerpar.parallel import ParallelEngine
+    from hpc_layerpar.sweep import forward_sweep
+
+    data = DeviceDataset(tiny_data, torch.device("cpu"))
+    ranges = balanced_partition(make_model().costs, world.size)
+    pcfg = ParallelConfig(coupling=coupling, ds=ds, message_dtype=wire, micro_batches=2, window=2,
+                          beta=0.02 if coupling == "epoch" else 1.0)
+
+    def train(comm):
+        model = make_model()
+        opt = make_optimizer(model, OPT)
+        cls = PipelineEngine if coupling == "pipeline" else ParallelEngine
+        eng = cls(model, opt, comm, data, ranges, pcfg, method=method, batch_size=BATCH, drop_last=True,
+                  seed=SEED)
+        if coupling == "epoch":
+            forward_sweep(model, ranges, comm, data, eng.store, eng.filter, BATCH)
+        sent = []
+        for e in range(EPOCHS):
+            comm.counters.reset()
+            eng.train_epoch(e, lambda t: LR, pcfg.beta)
+            sent.append(comm.counters.bytes_sent)
+        k = comm.rank
+        params = [p.detach().clone() for p in eng.params]
+        store = None if eng.store is None else eng.store.a.float().clone()
+        mult = None if eng.store is None or eng.store.m is None else eng.store.m.float().clone()
+        return k, params, store, mult, sent
+
+    k, params, store, mult, sent = train(world)
+    sims = run_simulated(world.size, train)
+    _, sp, ss, sm, ssent = sims[k]
+    dp = max(float((a - b).abs().max()) for a, b in zip(params, sp))
+    ds_ = 0.0 if store is None else float((store - ss).abs().max())
+    dm = 0.0 if mult is None else float((mult - sm).abs().max())
+    assert_all(world, dp < 1e-5 and ds_ < 1e-5 and dm < 1e-5,
+               f"rank {k}: params {dp:.2e}, aux {ds_:.2e}, multipliers {dm:.2e}")
+    assert_all(world, sent == ssent, f"bytes per epoch: MPI {sent}, simulated {ssent}")
+
+
+@pytest.mark.mpi
+def test_pipeline_bytes_follow_the_formula_and_ds_divides_by_s2(world, tiny_data):
+    data = DeviceDataset(tiny_data, torch.device("cpu"))
+    ranges = balanced_partition(make_model().costs, world.size)
+    got = {}
+    for ds in (1, 2):
+        world.counters.reset()
+        _, eng, (st,) = run_engine(world, data, ranges, ParallelConfig(ds=ds), "penalty", epochs=1)
+        sent = world.counters.bytes_sent
+        assert_all(world, sent == eng.bytes_per_epoch(st.samples, 4),
+                   f"ds={ds}: sent {sent}, formula {eng.bytes_per_epoch(st.samples, 4)}")
+        got[ds] = sum(world.allgather_obj(sent))
+    assert_all(world, got[1] == 4 * got[2], f"s=2 must divide by 4: {got}")
+
+
+@pytest.mark.mpi
+def test_frozen_parameters_keep_every_auxiliary_variable_on_the_true_state(world, tiny_data):
+    """Contraction of the pipeline coupling's auxiliary dynamics, in its strongest form: with the
+    parameters frozen (lr = 0) the auxiliary variable a stage trains on is the true forward state
+    after one tick, the penalty residual D(u') - a is zero and AL multipliers stay zero, every epoch.
+    (For the epoch coupling see test_parallel.py: it contracts only when beta exceeds the curvature.)"""
+    data = DeviceDataset(tiny_data, torch.device("cpu"))
+    ranges = balanced_partition(make_model().costs, world.size)
+    for method in ("penalty", "al"):
+        model = make_model()
+        opt = make_optimizer(model, OptimConfig(lr=1e-9, momentum=0.0, nesterov=False, weight_decay=0.0))
+        eng = PipelineEngine(model, opt, world, data, ranges, ParallelConfig(micro_batches=2), method=method,
+                             batch_size=BATCH, drop_last=True, seed=SEED)
+        res = [eng.train_epoch(e, lambda t: 0.0, 1.0).residual for e in range(3)]
+        k = world.rank
+        zero = all(r < 1e-6 for r in res) if k < world.size - 1 else True
+        mult_zero = eng.store is None or float(eng.store.a.abs().max()) < 1e-6
+        assert_all(world, zero and mult_zero, f"{method} rank {k}: residuals {res}")
+
+
+def test_k1_pipeline_equals_serial_backprop_without_augmentation(tiny_data):
+    """K = 1, one micro-batch per step: plain back-propagation (ALGORITHM.md s.8)."""
+    data = DeviceDataset(tiny_data, torch.device("cpu"))
+    solo = Comm.self_()
+    try:
+        for method in ("penalty", "al"):
+            model, _, _ = run_engine(solo, data, [(0, 5)], ParallelConfig(micro_batches=1), method)
+            ref = make_model()
+            eng = SerialEngine(ref, make_optimizer(ref, OPT), solo, data, None, batch_size=BATCH,
+                               drop_last=True, seed=SEED)
+            for e in range(EPOCHS):
+                eng.train_epoch(e, lambda t: LR)
+            diff = max(float((p - q).detach().abs().max()) for p, q in zip(model.parameters(), ref.parameters()))
+            assert diff < 1e-5, f"{method}: {diff}"
+    finally:
+        solo.free()
+
+
+def test_penalty_gradient_is_the_adjoint_plus_the_anchor():
+    """The local loss <p, d> + (beta/2n)||d - a||^2 is the penalty (beta/2n)||d - T||^2 towards the
+    prox-linear target T = a - (n/beta) p, up to a constant: same gradient in d."""
+    torch.manual_seed(0)
+    a, p = torch.randn(3, 8), torch.randn(3, 8)
+    beta, n = 0.7, 8
+    d1 = torch.randn(3, 8, requires_grad=True)
+    ((p * d1).sum() + 0.5 * beta / n * (d1 - a).pow(2).sum()).backward()
+    d2 = d1.detach().clone().requires_grad_(True)
+    (0.5 * beta / n * (d2 - (a - n / beta * p)).pow(2).sum()).backward()
+    assert torch.allclose(d1.grad, d2.grad, atol=1e-5)
