@@ -73,8 +73,9 @@ def plan(a) -> list:
         epochs = a.epochs if ds != "digits" else a.digits_epochs
         sph, control = schedule(ds, epochs)
         sub = [f"data.subset={a.subset}"] if ds != "digits" and a.subset else []
-        ev = [f"train.eval_every={a.eval_every if ds != 'digits' else 1}"]
-        common = sub + ev
+        # batches of 128 evaluate about 3x faster than 1000 on a CPU core (cache), same result
+        ev = [f"train.eval_every={a.eval_every if ds != 'digits' else 1}", "data.eval_batch_size=128"]
+        common = sub + ev + list(a.sets)
         for seed in a.seeds:
             runs.append(("serial BP", ds, f"{ds}-resnet-serial", 1, seed, common + [f"train.phases=serial:{epochs}"]))
             runs.append(("serial-only control", ds, f"{ds}-resnet-serial", 1, seed, common + [f"train.phases={control}"]))
@@ -167,6 +168,7 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--only", default="", help="comma-separated method labels to run (default: all)")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the tables from DIR")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override for every run")
     a = ap.parse_args()
     a.datasets = [d for d in a.datasets.split(",") if d]
     a.ks = [int(k) for k in a.ks.split(",") if k]

@@ -150,5 +150,10 @@ def model_from_config(mcfg, *, in_channels: int, image_size: int, num_classes: i
                            base_width=mcfg.base_width, norm=mcfg.norm)
 
 
+def smallest_map(model) -> int:
+    """H x W of the network's smallest feature map (BatchNorm statistics average over batch x it)."""
+    return min(int(s[1]) * int(s[2]) for s in model.shapes if len(s) == 3)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -2,7 +2,9 @@
 times and the message sizes of ALGORITHM.md s.4, with a latency-bandwidth network model.
 
     serial back-propagation   T_1 = sum_i t_i                       (t_i: forward+backward of element i)
-    parallel phase (K)        T_P = max_k [ C_k + o_k , X_k ]       C_k: stage k's compute of the balanced split
+    parallel phase (K)        T_P = max_k [ r_k C_k + o_k , X_k ]   C_k: stage k's compute of the balanced split;
+                              r_k = 4/3 for the pipeline coupling's non-last stages (their forward runs
+                              twice: F without gradients, then the recompute of B), 1 otherwise
                               o_k = copies of its boundary activations in and out (memory bandwidth)
                               X_k = time to send and receive its messages (latency + bytes / bandwidth);
                               messages are posted ahead and overlap compute, so only the larger counts
@@ -46,12 +48,18 @@ class Model:
     batch: int
 
 
+RECOMPUTE = 4.0 / 3.0  # forward + backward = 3 forward-equivalents; the pipeline adds a forward
+
+
 def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4,
-                  aux_bytes: int = 4) -> tuple[float, list]:
-    """(seconds per step of the parallel phase at K = k, the split used)."""
-    micro = [max(1, int(t * 1e6)) for t in m.element_seconds]
-    ranges = balanced_partition(micro, k)
-    comp = [c / 1e6 for c in stage_costs(micro, ranges)]
+                  aux_bytes: int = 4, coupling: str = "pipeline", micro: int = 4,
+                  steps_per_epoch: int = 390) -> tuple[float, list]:
+    """(seconds per step of the parallel phase at K = k, the split used). Pipeline coupling: the
+    non-last stages compute their forward twice, M micro-batches per step, and every epoch fills and
+    drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps."""
+    us = [max(1, int(t * 1e6)) for t in m.element_seconds]
+    ranges = balanced_partition(us, k)
+    comp = [c / 1e6 for c in stage_costs(us, ranges)]
     worst = 0.0
     for s, (a, b) in enumerate(ranges):
         out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0
@@ -59,9 +67,18 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
         wire = m.batch * (out_n + in_n) * msg_bytes              # one message each way per boundary
         n_msgs = (s < k - 1) + (s > 0)
         comm = n_msgs * net.latency_s + wire / net.bandwidth
-        # local traffic: targets out, aux in, update (read a, p, z; write a) ~ 6 passes over a_k
-        local = m.batch * (6 * in_n * aux_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
-        worst = max(worst, comp[s] + local, comm)
+        if coupling == "pipeline":
+            # in flight: a kept until the update, the anchor and the adjoint read once ~ 4 passes
+            local = m.batch * (2 * in_n * msg_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
+            work = comp[s] * (RECOMPUTE if s < k - 1 else 1.0)
+            comm += 2 * micro * net.latency_s  # one message per micro-batch each way
+        else:
+            # local traffic: targets out, aux in, update (read a, p, z; write a) ~ 6 passes over a_k
+            local = m.batch * (6 * in_n * aux_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
+            work = comp[s]
+        worst = max(worst, work + local, comm)
+    if coupling == "pipeline" and k > 1:
+        worst *= 1.0 + 2 * (k - 1) / (micro * steps_per_epoch)  # fill and drain once per epoch
     return worst, ranges
 
 
@@ -85,13 +102,14 @@ def rho_dataparallel(m: Model, k: int, net: Network) -> float:
 def rho_sph(m: Model, k: int, net: Network, *, parallel_fraction: float = 0.8, phase_epochs: int = 4,
             steps_per_epoch: int = 390, **kw) -> float:
     """Whole SPH runs, per epoch on average: parallel epochs, data-parallel correction epochs, and
-    per parallel phase a forward sweep (about a third of a step's compute per batch, pipelined
-    over the stages) plus two stage exchanges (parameters and momentum, 8 bytes per parameter)."""
+    per parallel phase two stage exchanges (parameters and momentum, 8 bytes per parameter) and,
+    for the epoch coupling, a forward sweep (about a third of a step's compute per batch,
+    pipelined over the stages)."""
     t1 = sum(m.element_seconds)
-    tp, ranges = parallel_step(m, k, net, **kw)
+    tp, ranges = parallel_step(m, k, net, steps_per_epoch=steps_per_epoch, **kw)
     td = dataparallel_step(m, k, net)
-    sweep = steps_per_epoch * max(stage_costs([max(1, int(t * 1e6)) for t in m.element_seconds],
-                                              ranges)) / 1e6 / 3
+    sweep = 0.0 if kw.get("coupling", "pipeline") == "pipeline" else \
+        steps_per_epoch * max(stage_costs([max(1, int(t * 1e6)) for t in m.element_seconds], ranges)) / 1e6 / 3
     exchange = 2 * (k * net.latency_s + 8 * m.parameters / net.bandwidth)
     phases_per_epoch = parallel_fraction / phase_epochs
     per_epoch = (parallel_fraction * steps_per_epoch * tp + (1 - parallel_fraction) * steps_per_epoch * td

@@ -16,10 +16,10 @@ from . import diagnostics
 from . import guard as G
 from . import metrics as M
 from .comm import Comm, detect_cuda_aware, hostname, library_version
-from .config import Config, ConfigError
+from .config import Config, ConfigError, micro_batches
 from .data import DeviceDataset, make_augment, replica_shard
 from .filters import DSFilter
-from .models import count_parameters, model_from_config
+from .models import count_parameters, model_from_config, smallest_map
 from .parallel import ParallelEngine, beta_for_epoch
 from .pipeline import PipelineEngine
 from .partition import stage_costs
@@ -187,7 +187,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False,  # noqa: C90
             ranges = agree(comm, lambda: stage_ranges(model, pipe.size, pc, costs))
         # The curvature guard: every rank measures its outgoing boundary on the whole network it
         # holds now, then the pipeline shares the caps (ALGORITHM.md s.4c).
-        batch = sub_batch // pc.micro_batches if pipeline else sub_batch
+        batch = sub_batch // micro_batches(pc, cfg.data.batch_size, smallest_map(model)) if pipeline else sub_batch
         mine = agree(comm, lambda: G.beta_caps(model, ranges, data, DSFilter(pc.ds), rank=pipe.rank,
                                                coupling=pc.coupling, beta=pc.beta, lr=cfg.optim.lr,
                                                batch=batch, seed=cfg.train.seed, mode=pc.beta_guard))
@@ -255,7 +255,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False,  # noqa: C90
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ranges}; "
                      f"stage cost shares {[round(c / sum(costs), 3) for c in stage_costs(costs, ranges)]}; "
                      f"coupling {pc.coupling}"
-                     + (f" ({pc.micro_batches} micro-batches per step)" if pipeline else "")
+                     + (f" ({micro_batches(pc, cfg.data.batch_size, smallest_map(model))} micro-batches per step)" if pipeline else "")
                      + f"; DS factor {pc.ds}; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
     if src is not None:

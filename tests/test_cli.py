@@ -87,3 +87,25 @@ def test_presets_and_print_config():
     assert p.returncode == 0 and "cifar10-resnet56-serial" in p.stdout
     p = run_cli(["train", "--preset", "cifar10-resnet56-serial", "--set", "optim.lr=0.05", "--print-config"])
     assert p.returncode == 0 and "lr: 0.05" in p.stdout and "depth: 56" in p.stdout
+
+
+@pytest.mark.spawns
+def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path):
+    """`parallel.simulate=3` in one process and `mpiexec -n 3`: the same metrics, row by row (losses,
+    accuracies, residuals, health columns, bytes), with the simulated file marked as such."""
+    import numpy as np
+
+
+    data = make_dataset(tmp_path / "d.h5", n_train=96)
+    base = ["train", "--preset", "digits-resnet-al", "--set", f"data.path={data}", "--set", "data.batch_size=16",
+            "--set", "model.depth=8", "--set", "train.phases=al:2,serial:1", "--set", "parallel.partition=macs",
+            "--set", "run.threads=1", "--set", f"run.out_dir={tmp_path}/runs"]
+    mpi = run_cli(base + ["--set", "run.name=mpi"], n=3)
+    sim = run_cli(base + ["--set", "run.name=sim", "--set", "parallel.simulate=3"], n=1)
+    assert mpi.returncode == 0 and sim.returncode == 0, mpi.stderr + sim.stderr
+    (a,), (b,) = (tmp_path / "runs").glob("mpi-*.h5"), (tmp_path / "runs").glob("sim-*.h5")
+    ma, mb = read_metrics(str(a)), read_metrics(str(b))
+    assert mb["attrs"]["simulated_ranks"] == 3 and ma["attrs"]["world_size"] == mb["attrs"]["world_size"] == 3
+    for col in ("train_loss", "train_acc", "test_loss", "test_acc", "local_loss", "residual", "multiplier_norm",
+                "consistency", "grad_cosine", "beta_effective", "bytes_sent", "bytes_recv"):
+        assert np.allclose(ma["columns"][col], mb["columns"][col], rtol=1e-5, atol=1e-6, equal_nan=True), col

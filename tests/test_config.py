@@ -37,6 +37,12 @@ def test_layering_preset_file_set(tmp_path):
     (["optim.momentum=0", "optim.nesterov=true"], "nesterov=true needs optim.momentum > 0"),
     (["data.augment=maybe"], "is not a boolean"),
     (["noequals"], "section.key=value"),
+    (["parallel.coupling=async"], "parallel.coupling='async' is not one of pipeline, epoch"),
+    (["parallel.micro_batches=3"], "divisible by parallel.replicas x parallel.micro_batches"),
+    (["parallel.beta_guard=maybe"], "is not one of auto, refuse, off"),
+    (["parallel.al_rho=0"], "parallel.al_rho=0.0 must lie in \\(0, 1\\]"),
+    (["data.subset=-5"], "data.subset=-5 must be >= 0"),
+    (["train.phases=idle:3"], "is not one of serial, penalty, al, skip"),
 ])
 def test_bad_values_name_value_and_remedy(sets, match):
     with pytest.raises(ConfigError, match=match):
@@ -65,3 +71,24 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert p.returncode != 0
     assert "does not exist" in p.stderr and "data_prep" in p.stderr
     assert not list(tmp_path.glob("*.h5")), "no metrics file for a run that never started"
+
+
+def test_auto_micro_batches_keep_batchnorm_statistics_over_1024_values():
+    from hpc_layerpar.config import ParallelConfig, micro_batches
+
+    auto = ParallelConfig()
+    assert micro_batches(auto, 128, 7 * 7) == 4      # MNIST, Fashion-MNIST: 32 x 49 >= 1024
+    assert micro_batches(auto, 128, 8 * 8) == 4      # CIFAR
+    assert micro_batches(auto, 64, 2 * 2) == 1       # 8x8 digits: 2x2 maps at the end
+    assert micro_batches(auto, 80, 7 * 7) == 2       # 4 would leave 20 x 49 < 1024; 3 does not divide
+    assert micro_batches(ParallelConfig(micro_batches=2), 64, 1) == 2
+    assert micro_batches(ParallelConfig(replicas=2), 128, 7 * 7) == 2
+
+
+def test_presets_run_the_parallel_phase_first_and_use_the_defaults():
+    for name, tree in PRESETS.items():
+        if name.endswith(("-penalty", "-al", "-ds2")):
+            assert "beta" not in tree.get("parallel", {}), name
+            cfg = resolve(name)
+            method, serial = cfg.train.phases.split(",")
+            assert serial.startswith("serial:") and not method.startswith("(")
