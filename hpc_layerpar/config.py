@@ -63,7 +63,6 @@ class ParallelConfig:
     beta_guard: str = "auto"    # auto: cap beta where lr*beta*curvature > 1 | refuse: error | off
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)
     beta_max: float = 1.0e4
-    delay_warmup: float = 0.0  # pipeline: epochs over which a stage's lr rises from lr/d_k to lr (d_k: its delay in steps)
     al_rho: float = 0.5         # pipeline AL: damping of the multiplier step, in (0, 1]
     augment: bool = True        # pipeline: rank 0 augments in parallel epochs as well (epoch coupling: never)
     eta: float = 1.0            # epoch coupling: relaxation of the auxiliary update, in (0, 1]
@@ -90,6 +89,7 @@ class RunConfig:
     progress: str = "auto"      # auto: a live bar on a terminal, lines otherwise | lines | off
     checkpoint_every: int = 0   # epochs between checkpoints (0: only on SIGUSR1/SIGTERM)
     checkpoint_dir: str = ""    # empty: <out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
+    stop_after: int = 0         # > 0: checkpoint and stop (exit 75, resumable) after that global epoch
 
 
 @dataclass(frozen=True)
@@ -362,7 +362,6 @@ def validate(cfg: Config) -> None:
     _positive("parallel.micro_batches", pc.micro_batches, strict=False)
     _positive("parallel.simulate", pc.simulate, strict=False)
     _positive("parallel.refresh_every", pc.refresh_every, strict=False)
-    _positive("parallel.delay_warmup", pc.delay_warmup, strict=False)
     _positive("data.subset", d.subset, strict=False)
     if not 0 < pc.al_rho <= 1:
         raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")
@@ -393,6 +392,7 @@ def validate(cfg: Config) -> None:
             c.strip().isdigit() for c in pc.partition.split(",")):
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
     _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
+    _positive("run.stop_after", r.stop_after, strict=False)
     dbg = cfg.debug
     if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch) < 0 or \
             min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank) < -1:

@@ -88,10 +88,6 @@ class PipelineEngine:
         self.out_shape = None if self.last else self.filter.coarse_shape(model.shapes[self.end])
         self.out_numel = 0 if self.last else int(torch.Size(self.out_shape).numel())
         self.al_rho = pcfg.al_rho
-        # delay of this stage's updates in optimizer steps, and the epochs over which its learning
-        # rate rises from lr / delay to lr (PipeMare's rescheduling; 0: off)
-        self.delay = max(1.0, 2 * (self.K - 1 - self.k) / self.M)
-        self.delay_warmup = pcfg.delay_warmup
         self.params = stage_params(model, self.start, self.end)
         self.stage_modules = list(model.elements[self.start:self.end].modules())
         self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 else None
@@ -280,10 +276,7 @@ class PipelineEngine:
                 ps_req[j] = comm.isend(adj, self.prev, tag=j % TAGS, key=("ps", j % (ahead + 2)))
                 retire(ps_req, j - ahead - 1)
             if (j + 1) % M == 0:
-                t = epoch + updates / max(nb, 1)
-                lr = lr_fn(t)
-                if self.delay_warmup > 0 and t < self.delay_warmup:
-                    lr /= self.delay ** (1.0 - t / self.delay_warmup)
+                lr = lr_fn(epoch + updates / max(nb, 1))
                 for g in self.opt.param_groups:
                     g["lr"] = lr
                 if self.bucket is not None:

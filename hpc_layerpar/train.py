@@ -391,7 +391,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False,  # noqa: C90
                                      wall_seconds=time.perf_counter() - t_start)
             if diverged is not None:
                 raise diverged
-            stopping = bool(comm.allreduce_array([stop.requested], "max")[0]) and epoch < n_epochs - 1
+            stopping = (bool(comm.allreduce_array([stop.requested], "max")[0])
+                        or 0 < cfg.run.stop_after <= epoch + 1) and epoch < n_epochs - 1
             every = cfg.run.checkpoint_every
             if stopping or (every and (epoch + 1) % every == 0) or (every and epoch == n_epochs - 1):
                 if par is not None:
@@ -409,7 +410,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False,  # noqa: C90
                 wall = time.perf_counter() - t_start
                 if comm.rank == 0:
                     writer.set_attrs(status="checkpointed", wall_seconds_last_segment=wall)
-                    progress.log(f"stopped by a signal after epoch {epoch + 1}; checkpoint {saved}; "
+                    why = "a signal" if stop.requested else f"run.stop_after={cfg.run.stop_after}"
+                    progress.log(f"stopped by {why} after epoch {epoch + 1}; checkpoint {saved}; "
                                  f"exit code {EXIT_CHECKPOINTED}: resume with --resume auto "
                                  "(the SLURM template requeues the job)")
                 return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best,
