@@ -14,13 +14,15 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hpc_layerpar.comm import Comm  # noqa: E402
+from hpc_layerpar.config import (
+    OptimConfig,  # noqa: E402
+    ParallelConfig,  # noqa: E402
+)
 from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.models import build_model  # noqa: E402
-from hpc_layerpar.config import ParallelConfig  # noqa: E402
 from hpc_layerpar.parallel import ParallelEngine  # noqa: E402
 from hpc_layerpar.partition import balanced_partition  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
-from hpc_layerpar.config import OptimConfig  # noqa: E402
 from hpc_layerpar.sweep import forward_sweep  # noqa: E402
 from hpc_layerpar.train import element_costs  # noqa: E402
 

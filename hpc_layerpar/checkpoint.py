@@ -15,14 +15,36 @@ ranks resumes at any rank count; auxiliary variables are reused only at the same
 otherwise the forward sweep rebuilds them (and AL multipliers restart at zero)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 import torch
 
 LATEST = "latest"
 KEEP = 2
+
+
+@dataclass
+class CheckpointMeta:
+    """meta.json: where the run stood, and what a resume needs to decide how to continue."""
+    epoch: int                      # the last completed global epoch
+    world_size: int
+    replicas: int
+    metrics_path: str | None
+    best_test_acc: float
+    final_test_acc: float
+    config: dict
+    stage_ranges: list | None       # the split the run started with (None without parallel phases)
+    element_costs: list | None
+
+    @classmethod
+    def from_json(cls, text: str) -> "CheckpointMeta":
+        d = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def default_dir(out_dir: str, name: str) -> str:
@@ -50,8 +72,9 @@ def _atomic_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(ckpt_dir: str, comm, *, epoch: int, model, optimizer, store, meta: dict) -> str:
+def save(ckpt_dir: str, comm, *, model, optimizer, store, meta: CheckpointMeta) -> str:
     """Collective: every rank calls it. The caller has already gathered the whole network on rank 0."""
+    epoch = meta.epoch
     name = f"epoch-{epoch:06d}"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f".{name}.tmp")
@@ -68,7 +91,7 @@ def save(ckpt_dir: str, comm, *, epoch: int, model, optimizer, store, meta: dict
         torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
                     "momentum": [optimizer.state[p]["momentum_buffer"].cpu() for p in params],
                     "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "model.pt"))
-        _atomic_text(os.path.join(tmp, "meta.json"), json.dumps({**meta, "epoch": epoch}, indent=1))
+        _atomic_text(os.path.join(tmp, "meta.json"), json.dumps(dataclasses.asdict(meta), indent=1))
     comm.barrier()  # every rank's files are on disk before the folder becomes visible
     if comm.rank == 0:
         shutil.rmtree(final, ignore_errors=True)
@@ -81,9 +104,10 @@ def save(ckpt_dir: str, comm, *, epoch: int, model, optimizer, store, meta: dict
     return final
 
 
-def load_meta(path: str) -> dict:
+def load_meta(path: str) -> CheckpointMeta:
+    """The metadata of the checkpoint folder `path`."""
     with open(os.path.join(path, "meta.json")) as fh:
-        return json.load(fh)
+        return CheckpointMeta.from_json(fh.read())
 
 
 def load_model(path: str, model, optimizer) -> None:

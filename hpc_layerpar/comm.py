@@ -141,11 +141,15 @@ class Comm:
         return prev, nxt
 
     def split(self, color: int, key: int) -> "Comm":
+        """Collective: the ranks of the same color form a new communicator, ordered by key. It keeps
+        this one's staging flags and shares its counters (one account of this rank's traffic)."""
         part = self.mpi.Split(color, key)
         try:
-            return Comm(part, cuda_aware=self.cuda_aware)
+            child = Comm(part, cuda_aware=self.cuda_aware, stage_all=self.stage_all)
         finally:
             part.Free()
+        child.counters = self.counters
+        return child
 
     # ---- collectives ---------------------------------------------------------------------
     def allreduce_(self, t: torch.Tensor, key="allreduce") -> torch.Tensor:
@@ -200,6 +204,32 @@ class Comm:
     def free(self):
         if self.mpi != MPI.COMM_NULL:
             self.mpi.Free()
+
+
+class Topology:
+    """The layout of a layer-parallel job: K stages x R replicas over `world` (world rank w is stage
+    w % K of replica w // K, so a pipeline's ranks are consecutive, usually on one node). `pipe` joins
+    the K ranks of this replica's pipeline, `reps` the R ranks holding the same stage (None at R = 1).
+    Works on any communicator with split(): MPI's or the simulator's."""
+
+    def __init__(self, world, replicas: int = 1):
+        if world.size % replicas:
+            from .errors import ConfigError
+            raise ConfigError(f"{world.size} ranks cannot form parallel.replicas={replicas} pipelines of equal "
+                              f"length; run a multiple of {replicas} ranks or change parallel.replicas.")
+        self.world, self.replicas = world, replicas
+        self.stages = world.size // replicas
+        self.replica, self.stage = divmod(world.rank, self.stages)
+        if replicas == 1:
+            self.pipe, self.reps = world, None
+        else:
+            self.pipe, self.reps = world.split(self.replica, self.stage), world.split(self.stage, self.replica)
+
+    def free(self) -> None:
+        """Release the split communicators (not the world)."""
+        for c in (self.pipe, self.reps):
+            if c is not None and c is not self.world:
+                c.free()
 
 
 def detect_cuda_aware() -> bool:

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field, fields
 
 import yaml
 
+from .errors import ConfigError
+from .schedule import parse_phases
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the value and the remedy."""
+__all__ = ["Config", "ConfigError", "PRESETS", "resolve", "from_dict", "validate", "micro_batches"]
 
 
 @dataclass(frozen=True)
@@ -307,8 +308,6 @@ def _positive(key, value, strict=True):
 
 def validate(cfg: Config) -> None:
     """Checks that need no data and no MPI; shape checks against the data happen in train.run."""
-    from .schedule import parse_phases  # local: schedule imports nothing from here at module level
-
     d, m, o, t, r = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.run
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .serial import sync_device
+from .buckets import sync_device
 
 
 def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4) -> list[int]:

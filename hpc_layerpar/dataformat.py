@@ -7,13 +7,13 @@ import os
 import h5py
 import numpy as np
 
+from .errors import DataError  # re-exported: data_prep and tests import it from here
+
 FORMAT = "hpc_layerpar-dataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 
 
-class DataError(ValueError):
-    """A dataset file is missing, truncated or not what it claims; the message says how to fix it."""
 
 
 def checksum(*arrays: np.ndarray) -> str:

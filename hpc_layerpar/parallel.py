@@ -9,14 +9,15 @@ not depend on timing: it equals the single-process simulation in tests/simulate.
 from __future__ import annotations
 
 import time
+
 import torch
 import torch.nn.functional as F
 
 from .auxstore import DTYPES, AuxStore, al_update, penalty_update
+from .buckets import GradBucket, sync_device
 from .data import epoch_batches, replica_batches
 from .filters import DSFilter
-from .pipeline import stage_params
-from .serial import GradBucket, sync_device
+from .stages import stage_params
 from .stats import FIRST_BAD_NONE, PhaseStats
 
 PARALLEL_METHODS = ("penalty", "al")
@@ -267,12 +268,3 @@ class ParallelEngine:
         if not self.first:
             out += samples * self.boundary_numel("in") * element_size    # targets backward
         return out
-
-
-def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int) -> float:
-    """Penalty: beta_0 * growth^e capped at beta_max, e counting the parallel epochs run before
-    this one (across phases); AL keeps beta fixed."""
-    if method == "al":
-        return pcfg.beta
-    return min(pcfg.beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
-

@@ -17,26 +17,22 @@ schedule is a pure function of (seed, epoch) and the result equals the one-proce
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .auxstore import DTYPES, AuxStore
+from .buckets import GradBucket, sync_device
+from .channels import Channel
 from .config import micro_batches
-from .models import smallest_map
 from .data import epoch_batches, replica_batches
 from .filters import DSFilter
-from .serial import GradBucket, sync_device
+from .models import smallest_map
+from .stages import stage_params
 from .stats import EpochSums, PhaseStats
 
-
-# MPI guarantees only tags below 32768; receives are posted a few micro-batches ahead and messages
-# between two ranks do not overtake each other, so reusing tags modulo this cannot mismatch.
-TAGS = 32768
-
-
-def stage_params(model, start, end):
-    return [p for el in model.elements[start:end] for p in el.parameters()]
+AHEAD = 2  # micro-batches whose receives are posted ahead of need
 
 
 class _NoRunningStats:
@@ -97,6 +93,14 @@ class PipelineEngine:
             self.store = AuxStore(data.n_train, self.out_shape, dtype=pcfg.aux_dtype, device=self.device,
                                   location=pcfg.aux_location, multipliers=False, ids=shard)
         self.probe = None  # filled for the epoch's last global batch: see diagnostics.py
+        # One channel per direction, allocated once per phase; null sides at the chain's ends.
+        mk = dict(rows=self.micro, dtype=self.msg_dtype, device=self.device, slots=AHEAD + 2)
+        self.activations = Channel(comm, "activations", recv_from=None if self.first else self.prev,
+                                   send_to=None if self.last else self.next, recv_shape=self.in_shape,
+                                   send_shape=self.out_shape or (), **mk)
+        self.adjoints = Channel(comm, "adjoints", recv_from=None if self.last else self.next,
+                                send_to=None if self.first else self.prev, recv_shape=self.out_shape or (),
+                                send_shape=self.in_shape, **mk)
 
     # ---- helpers -------------------------------------------------------------------------
     def micro_batches(self, epoch: int) -> list:
@@ -159,147 +163,145 @@ class PipelineEngine:
         return total
 
     # ---- one epoch -----------------------------------------------------------------------
-    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:  # noqa: C901
-        """beta: the penalty weight of this rank's outgoing boundary this epoch (after the schedule
-        and the curvature guard)."""
-        model, comm, K, k, M = self.model, self.comm, self.K, self.k, self.M
-        model.train()
-        for p in model.parameters():
+    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:
+        """One epoch of ticks. beta: the penalty weight of this rank's outgoing boundary this epoch
+        (after the schedule and the curvature guard)."""
+        self.model.train()
+        for p in self.model.parameters():
             p.grad = None
         if self.bucket is not None:
             self.bucket.attach()
             self.bucket.zero()
         mbs = self.micro_batches(epoch)
         nm = len(mbs)
-        nb = nm // M  # global batches (drop_last keeps every global batch whole)
+        ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=nm // self.M, sums=EpochSums(self.device),
+                    last_group=set(range(max(nm - self.M, 0), nm)))  # the probe: the last global batch
         t_epoch = time.perf_counter()
-        comm_before = comm.counters.comm_seconds
-        sums = EpochSums(self.device)
-        inflight = {}        # j -> (input a or None, z sent or None)
-        z_req, p_req = {}, {}          # receives posted ahead: j -> (buffer, Pending)
-        zs_req, ps_req = {}, {}        # sends in flight: j -> Pending (their buffers stay alive in it)
-        ahead = 2                      # micro-batches of receives posted ahead
-        last_group = set(range(max(nm - M, 0), nm))  # the probe: the epoch's last global batch
-        probe = {"a": [], "idx": [], "x": [], "p": [], "anchor": [], "beta": beta} if nm else None
-        updates = 0
-
-        def post_z(j):
-            if not self.first and j < nm and j not in z_req:
-                buf = torch.empty((len(mbs[j]),) + self.in_shape, dtype=self.msg_dtype, device=self.device)
-                z_req[j] = (buf, comm.irecv(buf, self.prev, tag=j % TAGS, key=("z", j % (ahead + 1))))
-
-        def post_p(j):
-            if not self.last and 0 <= j < nm and j not in p_req:
-                buf = torch.empty((len(mbs[j]),) + self.out_shape, dtype=self.msg_dtype, device=self.device)
-                p_req[j] = (buf, comm.irecv(buf, self.next, tag=j % TAGS, key=("p", j % (ahead + 1))))
-
-        def retire(reqs, upto):
-            for j in [j for j in reqs if j <= upto]:
-                reqs.pop(j).wait()
-
-        def forward(j):
-            idx = mbs[j]
-            if self.first:
-                a = None
-                x = self._images(epoch, j, idx)
-                if j in last_group:
-                    probe["x"].append(x)
-            else:
-                for i in range(j, j + ahead + 1):
-                    post_z(i)
-                buf, req = z_req.pop(j)
-                req.wait()
-                a = buf.to(torch.float32, copy=True)  # the auxiliary variable of this micro-batch
-                x = self.filter.up(a)
-                if j in last_group:
-                    probe["a"].append(a)
-            if j in last_group:
-                probe["idx"].append(idx)
-            if self.last:
-                return a, x
-            with torch.no_grad():
-                d = self.filter.down(model(x, self.start, self.end))
-            z = d.to(self.msg_dtype)
-            zs_req[j] = comm.isend(z.contiguous(), self.next, tag=j % TAGS, key=("zs", j % (ahead + 2)))
-            retire(zs_req, j - ahead - 1)
-            # the anchor of the penalty is the value the downstream rank received
-            inflight[j] = (a, z.to(torch.float32) if z.dtype != torch.float32 else d)
-            return None
-
-        def backward(j, fwd=None):
-            nonlocal updates
-            idx = mbs[j]
-            n = len(idx)
-            if self.last:
-                a, x = fwd
-            else:
-                a, anchor = inflight.pop(j)
-                x = None if a is not None else self._images(epoch, j, idx)
-            leaf = None
-            if a is not None:
-                leaf = a.detach().requires_grad_(True)
-                x = self.filter.up(leaf)
-            if self.last:
-                u = model(x, self.start, self.end)
-                y = self.data.train_y[idx.to(self.device)]
-                loss = F.cross_entropy(u, y)
-                sums.add_ce(loss.detach(), (u.detach().argmax(1) == y).sum(), n)
-            else:
-                for i in range(j, j + ahead + 1):
-                    post_p(i)
-                buf, req = p_req.pop(j)
-                req.wait()
-                p = buf.to(torch.float32, copy=True)
-                if j in last_group:
-                    probe["p"].append(p)
-                    probe["anchor"].append(anchor)
-                with _NoRunningStats(self.stage_modules):
-                    u = model(x, self.start, self.end)
-                d = self.filter.down(u)
-                diff = d - anchor
-                loss = (p * d).sum() / n
-                if beta > 0:
-                    loss = loss + (0.5 * beta / self.out_numel) * diff.pow(2).sum() / n
-                if self.store is not None:
-                    m = self.store.gather(idx)
-                    loss = loss + (m * diff).sum() / n
-                    # method of multipliers on D(u') = a, damped by rho; uses this step's violation
-                    m_new = m + (self.al_rho * beta / self.out_numel) * diff.detach()
-                    self.store.scatter(idx, m_new)
-                    sums.add_mult(m_new.flatten(1).norm(dim=1).sum())
-                    sums.add_nonfinite(m_new)
-                sums.add_residual(diff.detach().flatten(1).norm(dim=1).sum(), n)
-            (loss / M).backward()
-            sums.add_local(loss.detach(), n, j)
-            if leaf is not None:
-                adj = (leaf.grad * n).to(self.msg_dtype).contiguous()
-                ps_req[j] = comm.isend(adj, self.prev, tag=j % TAGS, key=("ps", j % (ahead + 2)))
-                retire(ps_req, j - ahead - 1)
-            if (j + 1) % M == 0:
-                lr = lr_fn(epoch + updates / max(nb, 1))
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
-                if self.bucket is not None:
-                    self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
-                    self.bucket.flat /= self.replicas
-                self.opt.step()
-                updates += 1
-                if self.bucket is None:
-                    self.opt.zero_grad(set_to_none=True)
-                else:
-                    self.bucket.zero()
-
-        lag = 2 * (K - 1 - k)
-        for t in range(nm + 2 * (K - 1)):
-            jf, jb = t - k, t - 2 * (K - 1) + k
-            fwd = forward(jf) if 0 <= jf < nm else None
+        comm_before = self.comm.counters.comm_seconds
+        for t in range(nm + 2 * (self.K - 1)):
+            jf, jb = t - self.k, t - 2 * (self.K - 1) + self.k  # the last rank: jb == jf
+            fwd = self._forward(ep, jf) if 0 <= jf < nm else None
             if 0 <= jb < nm:
-                backward(jb, fwd if lag == 0 else None)
-        for reqs in (zs_req, ps_req):
-            retire(reqs, nm)
+                self._backward(ep, jb, fwd)
+        self.activations.drain()
+        self.adjoints.drain()
         sync_device(self.device)
         elapsed = time.perf_counter() - t_epoch
-        self.probe = probe
-        return sums.stats(
-            first=self.first, last=self.last, al=self.store is not None, steps=updates,
-            compute_seconds=elapsed - (comm.counters.comm_seconds - comm_before))
+        self.probe = ep.probe if nm else None
+        return ep.sums.stats(first=self.first, last=self.last, al=self.store is not None, steps=ep.updates,
+                             compute_seconds=elapsed - (self.comm.counters.comm_seconds - comm_before))
+
+    def _forward(self, ep: "_Epoch", j: int):
+        """F(j): the auxiliary variable of micro-batch j arrives (rank 0: the images); the stage's
+        output goes on to the next rank. The last rank returns its input for B, which follows at once."""
+        idx = ep.mbs[j]
+        n = len(idx)
+        a = None
+        if self.first:
+            x = self._images(ep.epoch, j, idx)
+            if j in ep.last_group:
+                ep.probe["x"].append(x)
+        else:
+            for i in range(j, min(j + AHEAD + 1, len(ep.mbs))):
+                self.activations.post(i, len(ep.mbs[i]))
+            a = self.activations.recv(j, n).to(torch.float32, copy=True)
+            x = self.filter.up(a)
+            if j in ep.last_group:
+                ep.probe["a"].append(a)
+        if j in ep.last_group:
+            ep.probe["idx"].append(idx)
+        if self.last:
+            return a, x
+        with torch.no_grad():
+            d = self.filter.down(self.model(x, self.start, self.end))
+        self.activations.send(j, d)
+        # the anchor of the penalty is the value the downstream rank received (its wire precision)
+        ep.inflight[j] = (a, d if self.msg_dtype == torch.float32 else d.to(self.msg_dtype).float())
+        return None
+
+    def _backward(self, ep: "_Epoch", j: int, fwd) -> None:
+        """B(j): the local objective of micro-batch j, back-propagated; the adjoint goes upstream."""
+        idx = ep.mbs[j]
+        n = len(idx)
+        if self.last:
+            a, x = fwd
+        else:
+            a, anchor = ep.inflight.pop(j)
+            x = None if a is not None else self._images(ep.epoch, j, idx)
+        leaf = None
+        if a is not None:
+            leaf = a.detach().requires_grad_(True)
+            x = self.filter.up(leaf)
+        if self.last:
+            u = self.model(x, self.start, self.end)
+            y = self.data.train_y[idx.to(self.device)]
+            loss = F.cross_entropy(u, y)
+            ep.sums.add_ce(loss.detach(), (u.detach().argmax(1) == y).sum(), n)
+        else:
+            for i in range(j, min(j + AHEAD + 1, len(ep.mbs))):
+                self.adjoints.post(i, len(ep.mbs[i]))
+            p = self.adjoints.recv(j, n).to(torch.float32, copy=True)
+            if j in ep.last_group:
+                ep.probe["p"].append(p)
+                ep.probe["anchor"].append(anchor)
+            with _NoRunningStats(self.stage_modules):
+                d = self.filter.down(self.model(x, self.start, self.end))
+            loss = self._local_loss(d, p, anchor, idx, ep.beta, ep.sums)
+        (loss / self.M).backward()
+        ep.sums.add_local(loss.detach(), n, j)
+        if leaf is not None:
+            self.adjoints.send(j, leaf.grad * n)  # the per-sample adjoint p = |mu| dL/da
+        if (j + 1) % self.M == 0:
+            self._step(ep)
+
+    def _local_loss(self, d, p, anchor, idx, beta: float, sums):
+        """(1/n) sum_i <p_i, d_i> + (beta/2N)||d_i - a_i||^2 (+ <m_i, d_i - a_i> and the multiplier
+        step for AL): the penalty towards the prox-linear target a - (N/beta) p, N = numel(a_i)."""
+        n = len(idx)
+        diff = d - anchor
+        loss = (p * d).sum() / n
+        if beta > 0:
+            loss = loss + (0.5 * beta / self.out_numel) * diff.pow(2).sum() / n
+        if self.store is not None:
+            m = self.store.gather(idx)
+            loss = loss + (m * diff).sum() / n
+            # method of multipliers on D(u') = a, damped by rho; uses this step's violation
+            m_new = m + (self.al_rho * beta / self.out_numel) * diff.detach()
+            self.store.scatter(idx, m_new)
+            sums.add_mult(m_new.flatten(1).norm(dim=1).sum())
+            sums.add_nonfinite(m_new)
+        sums.add_residual(diff.detach().flatten(1).norm(dim=1).sum(), n)
+        return loss
+
+    def _step(self, ep: "_Epoch") -> None:
+        """One optimizer step of the stage: M micro-batches, a global batch (averaged over replicas)."""
+        lr = ep.lr_fn(ep.epoch + ep.updates / max(ep.nb, 1))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if self.bucket is not None:
+            self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
+            self.bucket.flat /= self.replicas
+        self.opt.step()
+        ep.updates += 1
+        if self.bucket is None:
+            self.opt.zero_grad(set_to_none=True)
+        else:
+            self.bucket.zero()
+
+
+@dataclass
+class _Epoch:
+    """One epoch's working state on one rank."""
+    epoch: int
+    lr_fn: object
+    beta: float
+    mbs: list
+    nb: int
+    sums: EpochSums
+    last_group: set
+    updates: int = 0
+    inflight: dict = field(default_factory=dict)  # j -> (auxiliary input or None, anchor)
+    probe: dict = field(default_factory=lambda: {"a": [], "idx": [], "x": [], "p": [], "anchor": []})
+
+    def __post_init__(self):
+        self.probe["beta"] = self.beta

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from .auxstore import DTYPES
-from .config import Config, ConfigError
+from .config import Config
 from .costs import measure_costs, parse_cuts
-from .dataformat import DataError
+from .errors import ConfigError, UserError
 from .filters import DSFilter, check_boundaries
 from .partition import balanced_partition
 
@@ -71,14 +71,13 @@ def agree(comm: Comm, fn):
     err = None
     try:
         result = fn()
-    except (ConfigError, DataError) as exc:
+    except UserError as exc:
         err, result = exc, None
-    errors = comm.allgather_obj(None if err is None else (type(err).__name__, str(err)))
+    # the exception itself travels (it pickles), so every rank raises the same class and message
+    errors = comm.allgather_obj(err)
     for r, e in enumerate(errors):
         if e is not None:
-            cls = ConfigError if e[0] == "ConfigError" else DataError
-            msg = e[1] if comm.size == 1 else f"{e[1]} (reported by rank {r})"
-            raise cls(msg)
+            raise type(e)(str(e) if comm.size == 1 else f"{e} (reported by rank {r})")
     return result
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .errors import ConfigError
+
 # skip: epochs that train nothing but keep their place in the learning-rate schedule (the serial-only
 # control of an SPH schedule is its phase list with the parallel methods replaced by skip).
 METHODS = ("serial", "penalty", "al", "skip")
@@ -17,7 +19,6 @@ class Phase:
 
 
 def _error(msg):
-    from .config import ConfigError
     return ConfigError(msg)
 
 
@@ -86,3 +87,67 @@ def lr_at(t: float, *, base: float, total: float, schedule: str, warmup: float =
         span = max(total - warmup, 1e-12)
         return 0.5 * base * (1.0 + math.cos(math.pi * min(max(t - warmup, 0.0), span) / span))
     raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+@dataclass(frozen=True)
+class EpochStep:
+    """What the training loop does for one epoch; a pure function of the schedule and the settings.
+
+    enter: the work before the epoch trains
+      ""         nothing (an epoch inside a phase, or a serial phase after a serial or skip one)
+      "share"    a serial phase after a parallel one: every rank gathers the stages and momentum
+      "phase"    a parallel phase starts: a new engine (epoch coupling: a forward sweep)
+      "resume"   this launch starts inside a parallel phase: a new engine that reuses the saved
+                 auxiliary variables when the split is the same (else: as "phase")
+      "refresh"  epoch coupling only: a forward sweep inside the phase (parallel.refresh_every)"""
+    epoch: int
+    phase_index: int
+    method: str
+    enter: str
+    parallel_before: int   # parallel epochs before this one, across phases (the penalty beta schedule)
+    evaluate: bool
+    checkpoint: bool
+    stop: bool             # run.stop_after: checkpoint and stop after this epoch
+    last: bool
+
+
+def epoch_plan(phases: list[Phase], *, start_epoch: int = 0, eval_every: int = 1, checkpoint_every: int = 0,
+               stop_after: int = 0, refresh_every: int = 0, coupling: str = "pipeline") -> list[EpochStep]:
+    """The steps from start_epoch (0, or the epoch after a checkpoint) to the end of the run."""
+    n = total_epochs(phases)
+    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
+    out = []
+    for epoch in range(start_epoch, n):
+        pidx, phase = phase_of_epoch(phases, epoch)
+        new_phase = epoch == starts[pidx]
+        trained = [p.method for p in phases[:pidx] if p.method != "skip"]  # skip epochs change nothing
+        prev_parallel = bool(trained) and trained[-1] in PARALLEL
+        enter = ""
+        if phase.method == "serial" and new_phase and prev_parallel:
+            enter = "share"
+        elif phase.method in PARALLEL:
+            into = epoch - starts[pidx]  # epochs of this phase before this one
+            if new_phase:
+                enter = "phase"
+            elif epoch == start_epoch:
+                enter = "resume"
+            elif coupling == "epoch" and refresh_every and into % refresh_every == 0:
+                enter = "refresh"
+        last = epoch == n - 1
+        stop = bool(stop_after) and epoch + 1 == stop_after and not last
+        out.append(EpochStep(
+            epoch=epoch, phase_index=pidx, method=phase.method, enter=enter,
+            parallel_before=parallel_epochs_before(phases, epoch),
+            evaluate=phase.method != "skip" and ((epoch + 1) % eval_every == 0 or last),
+            checkpoint=stop or (bool(checkpoint_every) and ((epoch + 1) % checkpoint_every == 0 or last)),
+            stop=stop, last=last))
+    return out
+
+
+def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int) -> float:
+    """Penalty: beta_0 * growth^e capped at beta_max, e counting the parallel epochs run before
+    this one (across phases); AL keeps beta fixed."""
+    if method == "al":
+        return pcfg.beta
+    return min(pcfg.beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
+

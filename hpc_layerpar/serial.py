@@ -6,54 +6,13 @@ data-parallel baseline."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .buckets import GradBucket, flatten, sync_device, unflatten
 from .data import epoch_batches, shard_range
-from .stats import FIRST_BAD_NONE
-
-
-def sync_device(device: torch.device) -> None:
-    """Make wall-clock timings honest on asynchronous devices."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class GradBucket:
-    """Every parameter's .grad is a view into one flat buffer, with two extra slots for the
-    step's loss sum and correct count, so a whole step needs exactly one Allreduce and no copies."""
-
-    EXTRA = 2
-
-    def __init__(self, params, device):
-        self.params = [p for p in params if p.requires_grad]
-        n = sum(p.numel() for p in self.params)
-        self.flat = torch.zeros(n + self.EXTRA, dtype=torch.float32, device=device)
-        self.extra = self.flat[n:]
-        self.attach()
-
-    def attach(self):
-        off = 0
-        for p in self.params:
-            if p.dtype != torch.float32:
-                raise TypeError(f"GradBucket needs float32 parameters, got {p.dtype}")
-            p.grad = self.flat[off:off + p.numel()].view_as(p)
-            off += p.numel()
-
-    def zero(self):
-        self.flat.zero_()
-
-
-@dataclass
-class EpochStats:
-    train_loss: float
-    train_acc: float
-    steps: int
-    samples: int
-    compute_seconds: float
-    first_bad_step: int | None = None  # the first step whose loss was not finite (divergence guard)
+from .stats import FIRST_BAD_NONE, PhaseStats
 
 
 class SerialEngine:
@@ -70,7 +29,7 @@ class SerialEngine:
         n = self.data.n_train
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def train_epoch(self, epoch: int, lr_fn, on_step=None) -> EpochStats:
+    def train_epoch(self, epoch: int, lr_fn, on_step=None) -> PhaseStats:
         """lr_fn(t) gives the learning rate at fractional global epoch t."""
         self.model.train()
         self.bucket.attach()  # a phase switch may have replaced .grad; re-bind the views
@@ -115,7 +74,9 @@ class SerialEngine:
         self.sync_buffers()
         loss_sum, correct = totals.tolist()
         first_bad = int(bad)
-        return EpochStats(train_loss=loss_sum / max(samples, 1), train_acc=correct / max(samples, 1),
+        nan = float("nan")
+        return PhaseStats(local_loss=nan, train_loss=loss_sum / max(samples, 1),
+                          train_acc=correct / max(samples, 1), residual=nan, multiplier_norm=nan,
                           steps=len(batches), samples=samples, compute_seconds=compute,
                           first_bad_step=None if first_bad >= FIRST_BAD_NONE else first_bad)
 
@@ -127,13 +88,10 @@ class SerialEngine:
         bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
         if not bufs:
             return
-        flat = torch.cat([b.reshape(-1) for b in bufs]).contiguous()
+        flat = flatten(bufs)
         self.comm.allreduce_(flat, key="buffers")
         flat /= self.comm.size
-        off = 0
-        for b in bufs:
-            b.copy_(flat[off:off + b.numel()].view_as(b))
-            off += b.numel()
+        unflatten(flat, bufs)
 
 
 def make_optimizer(model, ocfg) -> torch.optim.SGD:

@@ -203,7 +203,9 @@ class ThreadComm:
         new_rank = [r for _, r in members].index(self.rank)
         with self.hub.cond:
             hub = self.hub.children.setdefault((seq, color), _Hub(len(members), self.hub.abort))
-        return ThreadComm(hub, new_rank)
+        child = ThreadComm(hub, new_rank)
+        child.counters = self.counters  # one account of this rank's traffic, as comm.Comm.split
+        return child
 
     def free(self):
         pass

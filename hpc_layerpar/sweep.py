@@ -1,62 +1,8 @@
-"""Passes of the true network over data without training: evaluation (sharded over ranks)."""
+"""The forward sweep that enters a parallel phase of the epoch coupling (ALGORITHM.md s.4b): the
+auxiliary variables of every training sample are set to the true forward states of the network."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from .data import calibration_order, shard_range
-
-
-@torch.no_grad()
-def evaluate(model, data, comm, batch_size: int) -> tuple[float, float]:
-    """Test loss and accuracy of the whole network G; the test set is sharded over the ranks and
-    the sums are reduced, so every rank returns the same figures."""
-    was_training = model.training
-    model.eval()
-    lo, hi = shard_range(data.n_test, comm.size, comm.rank)
-    sums = torch.zeros(3, dtype=torch.float64, device=data.device)
-    for a in range(lo, hi, batch_size):
-        x, y = data.test_batch(a, min(a + batch_size, hi))
-        out = model(x)
-        sums[0] += F.cross_entropy(out, y, reduction="sum")
-        sums[1] += (out.argmax(1) == y).sum()
-        sums[2] += len(y)
-    model.train(was_training)
-    loss, correct, n = comm.allreduce_array(sums.cpu().numpy())
-    return loss / max(n, 1), correct / max(n, 1)
-
-
-def _float_state(model, start, end, optimizer=None):
-    """Parameters, floating buffers and (optionally) momentum buffers of elements [start, end)."""
-    out = []
-    for el in model.elements[start:end]:
-        for p in el.parameters():
-            out.append(p.data)
-            if optimizer is not None:
-                out.append(optimizer.state[p]["momentum_buffer"])
-        out.extend(b for b in el.buffers() if b.dtype.is_floating_point)
-    return out
-
-
-@torch.no_grad()
-def share_stages(model, ranges, comm, optimizer=None):
-    """Every rank receives every stage from its owner (one Bcast per stage), so every rank holds the
-    whole network: before evaluating the true network, and (with the optimizer's momentum) when a
-    serial phase follows a parallel one."""
-    for k, (a, b) in enumerate(ranges):
-        tensors = _float_state(model, a, b, optimizer)
-        flat = (torch.cat([t.reshape(-1) for t in tensors]) if comm.rank == k else
-                torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=tensors[0].device))
-        comm.bcast_(flat, root=k, key=("share", k))
-        if comm.rank != k:
-            off = 0
-            for t in tensors:
-                t.copy_(flat[off:off + t.numel()].view_as(t))
-                off += t.numel()
-        counts = [buf for el in model.elements[a:b] for buf in el.buffers() if not buf.dtype.is_floating_point]
-        values = comm.bcast_obj([int(c) for c in counts] if comm.rank == k else None, root=k)
-        for c, v in zip(counts, values):
-            c.fill_(v)
 
 
 class _KeepRunningStats:
@@ -111,38 +57,3 @@ def forward_sweep(model, ranges, comm, data, store, filt, batch_size: int, ids=N
     store_m = getattr(store, "reset_multipliers", None)
     if store_m is not None:
         store_m()
-
-
-@torch.no_grad()
-def recalibrate_bn(model, data, comm, batches: int, batch_size: int, seed: int) -> None:
-    """Re-estimate BatchNorm running statistics of the whole network: train-mode forwards without
-    gradients over `batches` un-augmented training batches, cumulative average, batches dealt out
-    to the ranks round-robin, per-rank averages combined by one Allreduce (ALGORITHM.md s.7)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    if not bns:
-        return
-    was_training = model.training
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    model.train()
-    perm = calibration_order(data.n_train, seed)  # the same batches at any rank count
-    nb = min(batches, max(data.n_train // batch_size, 1))
-    mine = [i for i in range(nb) if i % comm.size == comm.rank]
-    for i in mine:
-        model(data.train_batch(perm[i * batch_size:(i + 1) * batch_size])[0])
-    w = float(len(mine))
-    flat = torch.cat([torch.cat([bn.running_mean * w, bn.running_var * w]) for bn in bns]
-                     + [torch.tensor([w], device=data.device)]).contiguous()
-    comm.allreduce_(flat, key="bn")
-    total = float(flat[-1])
-    off = 0
-    for bn, mom in zip(bns, momenta):
-        c = bn.num_features
-        bn.running_mean.copy_(flat[off:off + c] / total)
-        bn.running_var.copy_(flat[off + c:off + 2 * c] / total)
-        bn.num_batches_tracked.fill_(nb)
-        bn.momentum = mom
-        off += 2 * c
-    model.train(was_training)

@@ -1,8 +1,8 @@
-"""run(cfg, comm): set up data and model on every rank, walk the schedule, write the metrics,
-checkpoint, and resume."""
+"""run(cfg, comm): build the run's context once, then walk the pure epoch plan (schedule.py): enter
+the epoch's phase, train it, check it, evaluate, record, checkpoint. The loop itself is thin; the
+per-epoch steps are the small functions below."""
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import signal
@@ -15,20 +15,20 @@ from . import checkpoint as C
 from . import diagnostics
 from . import guard as G
 from . import metrics as M
-from .comm import Comm, detect_cuda_aware, hostname, library_version
-from .config import Config, ConfigError, micro_batches
-from .data import DeviceDataset, make_augment, replica_shard
-from .filters import DSFilter
-from .models import count_parameters, model_from_config, smallest_map
-from .parallel import ParallelEngine, beta_for_epoch
-from .pipeline import PipelineEngine
+from .comm import Comm, hostname, library_version
+from .config import Config
+from .context import RunContext, build_context
+from .evaluate import evaluate, recalibrate_bn
+from .models import count_parameters
+from .parallel import ParallelEngine
 from .partition import stage_costs
+from .pipeline import PipelineEngine
 from .progress import Progress, epoch_line
-from .runsetup import agree, aux_bytes, check_fit, element_costs, resolve_device, set_threads, stage_ranges
-from .schedule import PARALLEL, lr_at, parallel_epochs_before, parse_phases, phase_of_epoch, total_epochs
-from .serial import SerialEngine, make_optimizer
+from .runsetup import aux_bytes
+from .schedule import PARALLEL, EpochStep, beta_for_epoch, epoch_plan
+from .stages import share_stages
 from .stats import PhaseStats
-from .sweep import evaluate, forward_sweep, recalibrate_bn, share_stages
+from .sweep import forward_sweep
 
 # EX_TEMPFAIL: stopped by a signal after a checkpoint. The SLURM template requeues the job on it
 # (after the ranks have left MPI cleanly); elsewhere, run again with --resume auto.
@@ -78,15 +78,6 @@ class StopRequest:
             signal.signal(s, h)
 
 
-def check_same_config(cfg: Config, comm: Comm) -> None:
-    digests = comm.allgather_obj(hashlib.sha256(cfg.to_json().encode()).hexdigest())
-    odd = [r for r, d in enumerate(digests) if d != digests[0]]
-    if odd:
-        raise ConfigError(f"ranks {odd} resolved a different configuration than rank 0 (different "
-                          "--set values, config files or presets per rank?). Give every rank the same "
-                          "command line and files.")
-
-
 def _remedy(cfg: Config, phase: str) -> str:
     o, pc = cfg.optim, cfg.parallel
     tips = [f"lower optim.lr (now {o.lr:g})", f"lengthen optim.warmup_epochs (now {o.warmup_epochs:g})"]
@@ -97,17 +88,205 @@ def _remedy(cfg: Config, phase: str) -> str:
             "start again.")
 
 
-def make_parallel_engine(cfg, model, opt, pipe, data, ranges, method, augment, reps, shard):
+def make_parallel_engine(ctx: RunContext, method: str):
     """The engine of a parallel phase for the configured coupling (ALGORITHM.md s.4 / s.4b)."""
+    cfg = ctx.cfg
     kw = dict(method=method, batch_size=cfg.data.batch_size, drop_last=cfg.data.drop_last,
-              seed=cfg.train.seed, replica_comm=reps, shard=shard)
+              seed=cfg.train.seed, replica_comm=ctx.topo.reps, shard=ctx.shard)
     if cfg.parallel.coupling == "pipeline":
-        return PipelineEngine(model, opt, pipe, data, ranges, cfg.parallel, augment=augment, **kw)
-    return ParallelEngine(model, opt, pipe, data, ranges, cfg.parallel, **kw)
+        return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
+                              augment=ctx.augment, **kw)
+    return ParallelEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel, **kw)
 
 
-def run(cfg: Config, comm: Comm | None = None, quiet: bool = False,  # noqa: C901
-        resume: str | None = None) -> Summary:
+@dataclass
+class _Loop:
+    """What changes from epoch to epoch."""
+    engine: object = None        # the parallel phase's engine, None outside parallel phases
+    best: float = math.nan
+    final: float = math.nan
+    last_ckpt: str | None = None
+
+
+def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
+    """(writer on rank 0 / None, path on every rank): a new metrics file, or the resumed run's one."""
+    cfg, comm, pc, meta = ctx.cfg, ctx.comm, ctx.cfg.parallel, ctx.meta
+    hosts = comm.allgather_obj(hostname())
+    devices = comm.allgather_obj(str(ctx.device) + ("" if ctx.device.type != "cuda" else
+                                                    f" ({torch.cuda.get_device_name(ctx.device)})"))
+    R = pc.replicas
+    aux_sizes = aux_bytes(ctx.model, ctx.ranges, -(-ctx.data.n_train // R), pc, "al" in ctx.methods) \
+        if ctx.ranges else None
+    writer = path = None
+    if comm.rank == 0:
+        extra = {}
+        if ctx.ranges is not None:
+            extra = {"stage_ranges": [list(r) for r in ctx.ranges], "element_costs": ctx.costs, "replicas": R,
+                     "partition": pc.partition, "stage_costs": stage_costs(ctx.costs, ctx.ranges),
+                     "aux_bytes": aux_sizes, "coupling": pc.coupling, "micro_batches": ctx.micro,
+                     "penalty_curvature": [c[0] for c in ctx.caps], "beta_cap": [c[1] for c in ctx.caps]}
+        if pc.simulate:
+            extra["simulated_ranks"] = pc.simulate
+        attrs = M.provenance({
+            "mpi_library": library_version(), "hostnames": hosts, "devices": devices,
+            "threads_per_rank": ctx.threads, "model": ctx.model.name,
+            "num_parameters": count_parameters(ctx.model), "dataset": ctx.data.name,
+            "dataset_path": os.path.abspath(cfg.data.path), "n_train": ctx.data.n_train,
+            "n_test": ctx.data.n_test, "phases": cfg.train.phases, "input_shape": list(ctx.data.shape),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""), "checkpoint_dir": os.path.abspath(ctx.ckpt_dir),
+            "cuda_aware_mpi": str(comm.cuda_aware).lower() if ctx.device.type == "cuda" else "n/a (cpu)",
+            **extra})
+        old = meta.metrics_path if meta else None
+        if old and os.path.exists(old) and meta.world_size == comm.size:
+            path = old  # continue the same file: rows after the checkpoint are dropped, then rewritten
+            writer = M.MetricsWriter.reopen(path, keep_rows=ctx.start_epoch)
+            writer.add_resume(ctx.start_epoch, ctx.src, attrs)
+        else:
+            path = M.unique_path(cfg.run.out_dir, cfg.run.name)
+            if old:
+                attrs["continues"] = old  # resumed at another rank count: per-rank columns change width
+            writer = M.MetricsWriter(path, config_json=cfg.to_json(), world_size=comm.size, attrs=attrs)
+    path = comm.bcast_obj(path)
+    m, d = ctx.model, ctx.data
+    sim = f" (simulated: {comm.size} virtual ranks as threads of one process)" if pc.simulate else ""
+    progress.log(f"hpc_layerpar: {m.name} ({count_parameters(m) / 1e6:.3f} M parameters) on {d.name} "
+                 f"({d.n_train} train / {d.n_test} test, {d.shape[0]}x{d.shape[1]}x{d.shape[2]}), "
+                 f"{comm.size} rank(s){sim}, device {ctx.device}, {ctx.threads} thread(s)/rank, "
+                 f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
+    if ctx.ranges is not None:
+        shown = [("%.3g" % c[1]) if math.isfinite(c[1]) else "-" for c in ctx.caps[:-1]]
+        shares = [round(c / sum(ctx.costs), 3) for c in stage_costs(ctx.costs, ctx.ranges)]
+        progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
+                     f"stage cost shares {shares}; coupling {pc.coupling}"
+                     + (f" ({ctx.micro} micro-batches per step)" if pc.coupling == "pipeline" else "")
+                     + f"; DS factor {pc.ds}; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
+                     f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
+    if ctx.src is not None:
+        progress.log(f"resumed from {ctx.src} at epoch {ctx.start_epoch + 1}")
+    progress.log(f"metrics file: {path}")
+    return writer, path
+
+
+def _inject_faults(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
+    """debug.*: make a rank raise, die or go non-finite at the start of an epoch (tests)."""
+    dbg, rank = ctx.cfg.debug, ctx.comm.rank
+    if step.epoch == dbg.fail_epoch and rank == dbg.fail_rank:
+        raise RuntimeError(f"injected failure on rank {rank} at epoch {step.epoch} (debug.fail_rank) "
+                           f"at unix time {time.time():.3f}")
+    if step.epoch == dbg.kill_epoch and rank == dbg.kill_rank:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if step.epoch == dbg.nan_epoch and rank == dbg.nan_rank:
+        own = list(ctx.model.elements[ctx.ranges[ctx.pipe.rank][0]].parameters()) if ctx.ranges \
+            else list(ctx.model.parameters())
+        with torch.no_grad():
+            own[0].view(-1)[0] = float("nan")
+
+
+def _enter(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
+    """The work before an epoch trains: gather the stages, start or resume a parallel phase, sweep."""
+    if step.method not in PARALLEL:
+        if step.enter == "share":
+            share_stages(ctx.model, ctx.ranges, ctx.pipe, ctx.opt)  # every rank gets the whole network
+            if ctx.cfg.parallel.switch_momentum == "reset":
+                for q in ctx.model.parameters():
+                    ctx.opt.state[q]["momentum_buffer"].zero_()
+        loop.engine = None  # frees the auxiliary variables
+        return
+    if step.enter in ("phase", "resume") or loop.engine is None:
+        loop.engine = make_parallel_engine(ctx, step.method)
+    eng = loop.engine
+    # Resuming inside a phase at the checkpoint's split reuses the saved auxiliary state (AL
+    # multipliers; epoch coupling: a and m); at another split it is rebuilt.
+    reuse = step.enter == "resume" and ctx.same_split
+    if reuse and eng.store is not None:
+        reuse = C.load_aux(ctx.src, ctx.comm.rank, eng.store)
+    if ctx.cfg.parallel.coupling == "epoch":
+        # a collective decision: the sweep is collective
+        if not all(ctx.comm.allgather_obj(reuse)) and step.enter in ("phase", "resume") \
+                or step.enter == "refresh":
+            forward_sweep(ctx.model, ctx.ranges, ctx.pipe, ctx.data, eng.store, eng.filter,
+                          ctx.cfg.data.batch_size // ctx.cfg.parallel.replicas, ids=ctx.shard)
+
+
+def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) -> tuple:
+    """(stats, scheduled beta, effective beta, problems for the divergence guard)."""
+    nan = math.nan
+    if step.method == "skip":  # nothing trains; the epoch keeps its place in the schedule
+        return PhaseStats(nan, nan, nan, nan, nan, 0, 0, 0.0), nan, nan, []
+    if step.method == "serial":
+        st = ctx.serial.train_epoch(step.epoch, ctx.lr, on_step=lambda s_, n_, loss: progress.step(
+            step.epoch, ctx.n_epochs, s_, n_, loss))
+        return st, nan, nan, G.local_problems(st.first_bad_step, [st.train_loss], list(ctx.model.parameters()))
+    beta = beta_for_epoch(ctx.cfg.parallel, step.method, step.parallel_before)
+    beta_eff = ctx.beta(beta)
+    st = loop.engine.train_epoch(step.epoch, ctx.lr, 0.0 if math.isnan(beta_eff) else beta_eff)
+    last = ctx.pipe.rank == ctx.pipe.size - 1
+    losses = [st.local_loss] + ([st.train_loss] if last else [])
+    problems = G.local_problems(st.first_bad_step, losses, loop.engine.params,
+                                [("auxiliary values", st.extra.get("nonfinite_aux", 0))])
+    return st, beta, beta_eff, problems
+
+
+def _check(ctx: RunContext, loop: _Loop, step: EpochStep, problems: list):
+    """The divergence guard (collective): the DivergenceError to raise after recording, or None."""
+    try:
+        G.check(ctx.comm, problems, epoch=step.epoch, phase=step.method,
+                stage_of_rank=lambda r: r % ctx.pipe.size if step.method in PARALLEL else "all",
+                remedy=_remedy(ctx.cfg, step.method) + (
+                    f" The last good checkpoint is {loop.last_ckpt}." if loop.last_ckpt else
+                    " No checkpoint was written before (run.checkpoint_every)."))
+    except G.DivergenceError as exc:
+        return exc
+    return None
+
+
+def _evaluate(ctx: RunContext, loop: _Loop, step: EpochStep) -> tuple:
+    """(test loss, test accuracy, consistency, gradient cosine): health after parallel epochs, the
+    true network G on the test set when the plan says so (BatchNorm re-estimated first: running
+    averages gathered while the weights moved, or per stage and micro-batch, misjudge the network)."""
+    nan = math.nan
+    cons = cos = test_loss = test_acc = nan
+    if step.method in PARALLEL and loop.engine.probe:
+        cons, cos = diagnostics.probe(ctx.model, ctx.ranges, ctx.pipe, ctx.data, loop.engine.filter, loop.engine)
+    if step.evaluate:
+        if step.method in PARALLEL:
+            share_stages(ctx.model, ctx.ranges, ctx.pipe)  # the true network G: gather the stages
+        recalibrate_bn(ctx.model, ctx.data, ctx.comm, ctx.cfg.parallel.bn_batches, ctx.cfg.data.batch_size,
+                       ctx.cfg.train.seed)
+        test_loss, test_acc = evaluate(ctx.model, ctx.data, ctx.comm, ctx.cfg.data.eval_batch_size)
+        loop.final = test_acc
+        loop.best = test_acc if math.isnan(loop.best) else max(loop.best, test_acc)
+    return test_loss, test_acc, cons, cos
+
+
+def _row(ctx: RunContext, step: EpochStep, mine: dict, extra: dict):
+    """Gather the ranks' figures; on rank 0 the metrics row (None elsewhere)."""
+    per_rank = ctx.comm.gather_obj(mine)
+    if ctx.comm.rank != 0:
+        return None
+    col = {k: [r[k] for r in per_rank] for k in mine}
+    if ctx.cfg.parallel.coupling == "pipeline" and step.method in PARALLEL:
+        # boundary k's residual and multipliers live on rank k-1: report them at rank k
+        for key in ("residual", "multiplier_norm"):
+            col[key] = [math.nan] + col[key][:-1]
+    # serial: every rank has the same figures; parallel: the relaxed network's CE is on the last rank
+    return {"epoch": step.epoch, "phase": step.method, "phase_index": step.phase_index, "lr": ctx.lr(step.epoch),
+            "epoch_seconds": max(col.pop("epoch_seconds")), "train_loss": col.pop("train_loss")[-1],
+            "train_acc": col.pop("train_acc")[-1], **extra, **col}
+
+
+def _checkpoint(ctx: RunContext, loop: _Loop, step: EpochStep, path: str) -> str:
+    if loop.engine is not None:
+        share_stages(ctx.model, ctx.ranges, ctx.pipe, ctx.opt)  # the whole network, rank-count independent
+    meta = C.CheckpointMeta(
+        epoch=step.epoch, world_size=ctx.comm.size, replicas=ctx.cfg.parallel.replicas, metrics_path=path,
+        best_test_acc=loop.best, final_test_acc=loop.final, config=ctx.cfg.to_dict(),
+        stage_ranges=[list(r) for r in ctx.ranges] if ctx.ranges else None, element_costs=ctx.costs)
+    return C.save(ctx.ckpt_dir, ctx.comm, model=ctx.model, optimizer=ctx.opt,
+                  store=loop.engine.store if loop.engine is not None else None, meta=meta)
+
+
+def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str | None = None) -> Summary:
     """resume: None (fresh start), "auto" (the latest checkpoint in the run's checkpoint folder if
     there is one, else a fresh start) or the path of a checkpoint folder."""
     if comm is None:
@@ -121,309 +300,68 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False,  # noqa: C90
             comm.free()
     t_start = time.perf_counter()
     progress = Progress(cfg.run.progress, enabled=(comm.rank == 0) and not quiet)
-    phases = parse_phases(cfg.train.phases)
-    n_epochs = total_epochs(phases)
-    methods = {p.method for p in phases}
-    any_parallel = bool(methods & set(PARALLEL))
-    ckpt_dir = cfg.run.checkpoint_dir or C.default_dir(cfg.run.out_dir, cfg.run.name)
-    pc = cfg.parallel
-    pipeline = pc.coupling == "pipeline"
-
-    def setup():
-        check_same_config(cfg, comm)
-        if pc.simulate and comm.size != pc.simulate:
-            raise ConfigError(f"parallel.simulate={pc.simulate} runs the virtual ranks as threads of one "
-                              f"process, but this job has {comm.size} MPI ranks; launch it without mpiexec "
-                              "(or with -n 1), or drop parallel.simulate.")
-        device = resolve_device(cfg.run.device, comm.local_rank)
-        threads = set_threads(cfg.run.threads, comm.local_size)
-        data = DeviceDataset(cfg.data.path, device, subset=cfg.data.subset)
-        check_fit(cfg, data, comm)
-        c, h, _ = data.shape
-        model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
-                                  seed=cfg.train.seed).to(device)
-        src = None
-        if resume:
-            src = C.latest(ckpt_dir) if resume == "auto" else resume
-            if resume != "auto" and (src is None or not os.path.exists(os.path.join(src, "meta.json"))):
-                raise ConfigError(f"--resume {resume}: no checkpoint there (a folder with meta.json); "
-                                  f"use --resume auto to take the latest in {ckpt_dir}.")
-        return device, threads, data, model, src
-
-    device, threads, data, model, src = agree(comm, setup)
-    if device.type == "cuda":
-        comm.cuda_aware = {"on": True, "off": False}.get(cfg.run.cuda_aware) if cfg.run.cuda_aware != "auto" \
-            else all(comm.allgather_obj(detect_cuda_aware()))
-    opt = make_optimizer(model, cfg.optim)
-    meta = None
-    if src is not None:
-        meta = C.load_meta(src)
-        C.load_model(src, model, opt)
-    ranges = costs = shard = reps = None
-    pipe = comm
-    same_split = False
-    R = pc.replicas
-    sub_batch = cfg.data.batch_size // R
-    caps = None
-    if any_parallel:
-        def check_replicas():
-            if comm.size % R:
-                raise ConfigError(f"{comm.size} ranks cannot form parallel.replicas={R} pipelines of equal "
-                                  f"length; run a multiple of {R} ranks or change parallel.replicas.")
-        agree(comm, check_replicas)
-        if R > 1:  # world = R replicas x K stages; a replica's K ranks are consecutive (likely one node)
-            k_stages = comm.size // R
-            replica, stage = divmod(comm.rank, k_stages)
-            pipe, reps = comm.split(replica, stage), comm.split(stage, replica)
-            pipe.counters = reps.counters = comm.counters  # one account of this rank's traffic
-            pipe.cuda_aware = reps.cuda_aware = comm.cuda_aware
-            shard = replica_shard(data.n_train, R, replica, cfg.train.seed)
-        same_split = bool(meta is not None and meta.get("world_size") == comm.size
-                          and meta.get("replicas", 1) == R and meta.get("stage_ranges"))
-        if same_split:  # the split the run started with: a re-measured one could differ
-            costs, ranges = meta["element_costs"], [tuple(r) for r in meta["stage_ranges"]]
-        else:
-            costs = element_costs(model, pc, comm, sub_batch, device)
-            ranges = agree(comm, lambda: stage_ranges(model, pipe.size, pc, costs))
-        # The curvature guard: every rank measures its outgoing boundary on the whole network it
-        # holds now, then the pipeline shares the caps (ALGORITHM.md s.4c).
-        batch = sub_batch // micro_batches(pc, cfg.data.batch_size, smallest_map(model)) if pipeline else sub_batch
-        mine = agree(comm, lambda: G.beta_caps(model, ranges, data, DSFilter(pc.ds), rank=pipe.rank,
-                                               coupling=pc.coupling, beta=pc.beta, lr=cfg.optim.lr,
-                                               batch=batch, seed=cfg.train.seed, mode=pc.beta_guard))
-        caps = pipe.allgather_obj(mine)
-    augment = make_augment(cfg.data, data, cfg.train.seed)
-    serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
-                          drop_last=cfg.data.drop_last, seed=cfg.train.seed)
-    o = cfg.optim
-
-    def lr_fn(t):
-        return lr_at(t, base=o.lr, total=n_epochs, schedule=o.schedule, warmup=o.warmup_epochs,
-                     milestones=o.milestones, gamma=o.gamma)
-
-    def effective_beta(scheduled: float, boundary_rank: int) -> float:
-        """The penalty weight at the outgoing boundary of `boundary_rank` (capped by the guard)."""
-        if caps is None or boundary_rank >= len(caps) - 1:
-            return math.nan
-        return min(scheduled, caps[boundary_rank][1])
-
-    nan = float("nan")
-    start_epoch = 0 if meta is None else meta["epoch"] + 1
-    best = nan if meta is None else meta["best_test_acc"]
-    final = nan if meta is None else meta["final_test_acc"]
-    hosts = comm.allgather_obj(hostname())
-    devices = comm.allgather_obj(str(device) + ("" if device.type != "cuda" else
-                                                f" ({torch.cuda.get_device_name(device)})"))
-    aux_sizes = aux_bytes(model, ranges, -(-data.n_train // R), pc, "al" in methods) if ranges else None
-    writer = path = None
-    if comm.rank == 0:
-        extra = {}
-        if ranges is not None:
-            extra = {"stage_ranges": [list(r) for r in ranges], "element_costs": costs, "replicas": R,
-                     "partition": pc.partition, "stage_costs": stage_costs(costs, ranges),
-                     "aux_bytes": aux_sizes, "coupling": pc.coupling,
-                     "penalty_curvature": [c[0] for c in caps], "beta_cap": [c[1] for c in caps]}
-        if pc.simulate:
-            extra["simulated_ranks"] = pc.simulate
-        attrs = M.provenance({
-            "mpi_library": library_version(), "hostnames": hosts, "devices": devices,
-            "threads_per_rank": threads, "model": model.name, "num_parameters": count_parameters(model),
-            "dataset": data.name, "dataset_path": os.path.abspath(cfg.data.path),
-            "n_train": data.n_train, "n_test": data.n_test, "phases": cfg.train.phases,
-            "input_shape": list(data.shape), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-            "checkpoint_dir": os.path.abspath(ckpt_dir),
-            "cuda_aware_mpi": str(comm.cuda_aware).lower() if device.type == "cuda" else "n/a (cpu)",
-            **extra})
-        old = meta.get("metrics_path") if meta else None
-        if old and os.path.exists(old) and meta["world_size"] == comm.size:
-            path = old  # continue the same file: rows after the checkpoint are dropped, then rewritten
-            writer = M.MetricsWriter.reopen(path, keep_rows=start_epoch)
-            writer.add_resume(start_epoch, src, attrs)
-        else:
-            path = M.unique_path(cfg.run.out_dir, cfg.run.name)
-            if old:
-                attrs["continues"] = old  # resumed at another rank count: per-rank columns change width
-            writer = M.MetricsWriter(path, config_json=cfg.to_json(), world_size=comm.size, attrs=attrs)
-    path = comm.bcast_obj(path)
-    sim = f" (simulated: {comm.size} virtual ranks as threads of one process)" if pc.simulate else ""
-    progress.log(f"hpc_layerpar: {model.name} ({count_parameters(model) / 1e6:.3f} M parameters) on "
-                 f"{data.name} ({data.n_train} train / {data.n_test} test, {data.shape[0]}x{data.shape[1]}x"
-                 f"{data.shape[2]}), {comm.size} rank(s){sim}, device {device}, {threads} thread(s)/rank, "
-                 f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
-    if ranges is not None:
-        shown = [("%.3g" % c[1]) if math.isfinite(c[1]) else "-" for c in caps[:-1]]
-        progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ranges}; "
-                     f"stage cost shares {[round(c / sum(costs), 3) for c in stage_costs(costs, ranges)]}; "
-                     f"coupling {pc.coupling}"
-                     + (f" ({micro_batches(pc, cfg.data.batch_size, smallest_map(model))} micro-batches per step)" if pipeline else "")
-                     + f"; DS factor {pc.ds}; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
-                     f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
-    if src is not None:
-        progress.log(f"resumed from {src} at epoch {start_epoch + 1}")
-    progress.log(f"metrics file: {path}")
-
-    par = None
-    since_sweep = 0
-    last_ckpt = src
-    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
+    ctx = build_context(cfg, comm, resume)
+    writer, path = _open_metrics(ctx, progress)
+    loop = _Loop(last_ckpt=ctx.src)
+    if ctx.meta is not None:
+        loop.best, loop.final = ctx.meta.best_test_acc, ctx.meta.final_test_acc
+    plan = epoch_plan(ctx.phases, start_epoch=ctx.start_epoch, eval_every=cfg.train.eval_every,
+                      checkpoint_every=cfg.run.checkpoint_every, stop_after=cfg.run.stop_after,
+                      refresh_every=cfg.parallel.refresh_every, coupling=cfg.parallel.coupling)
     with StopRequest() as stop:
-        for epoch in range(start_epoch, n_epochs):
-            pidx, phase = phase_of_epoch(phases, epoch)
+        for step in plan:
             comm.counters.reset()
             comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
-            if epoch == cfg.debug.fail_epoch and comm.rank == cfg.debug.fail_rank:
-                raise RuntimeError(f"injected failure on rank {comm.rank} at epoch {epoch} (debug.fail_rank) "
-                                   f"at unix time {time.time():.3f}")
-            if epoch == cfg.debug.kill_epoch and comm.rank == cfg.debug.kill_rank:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if epoch == cfg.debug.nan_epoch and comm.rank == cfg.debug.nan_rank:
-                own = par.params if (par is not None and phase.method in PARALLEL) else \
-                    list(model.elements[ranges[pipe.rank][0]].parameters()) if ranges else list(model.parameters())
-                with torch.no_grad():
-                    own[0].view(-1)[0] = float("nan")
-            t_sw = time.perf_counter()
-            new_phase = epoch == starts[pidx]
-            if phase.method == "skip":
-                pass
-            elif phase.method == "serial":
-                if par is not None or (new_phase and pidx > 0 and phases[pidx - 1].method in PARALLEL):
-                    share_stages(model, ranges, pipe, opt)  # every rank gets the whole network
-                    if pc.switch_momentum == "reset":
-                        for q in model.parameters():
-                            opt.state[q]["momentum_buffer"].zero_()
-                par = None  # frees the auxiliary variables
-            else:
-                fresh = new_phase or par is None
-                if fresh:
-                    par = make_parallel_engine(cfg, model, opt, pipe, data, ranges, phase.method, augment,
-                                               reps, shard)
-                if not pipeline:
-                    # Resuming inside a parallel phase: reuse the saved auxiliary variables only with
-                    # the identical split; otherwise (another K) the forward sweep rebuilds them.
-                    reuse = (not new_phase and same_split) if fresh else True
-                    if fresh and reuse and par.store is not None:
-                        reuse = C.load_aux(src, comm.rank, par.store)
-                    refresh = bool(pc.refresh_every) and since_sweep >= pc.refresh_every
-                    if not all(comm.allgather_obj(reuse)) or refresh:  # collective: the sweep is
-                        forward_sweep(model, ranges, pipe, data, par.store, par.filter, sub_batch, ids=shard)
-                        since_sweep = 0
-                elif fresh and par.store is not None and not new_phase and same_split and src is not None:
-                    C.load_aux(src, comm.rank, par.store)
-            switch_s = time.perf_counter() - t_sw
-            switch_bytes = comm.counters.bytes_sent
+            _inject_faults(ctx, loop, step)
+            t0 = time.perf_counter()
+            _enter(ctx, loop, step)
+            switch_s, switch_bytes = time.perf_counter() - t0, comm.counters.bytes_sent
             comm.counters.reset()
             t0 = time.perf_counter()
-            beta = beta_eff = nan
-            if phase.method == "skip":  # nothing trains; the epoch keeps its place in the schedule
-                st = PhaseStats(nan, nan, nan, nan, nan, 0, 0, 0.0)
-                problems = []
-            elif phase.method == "serial":
-                st = serial.train_epoch(epoch, lr_fn, on_step=lambda s_, n_, loss: progress.step(
-                    epoch, n_epochs, s_, n_, loss))
-                problems = G.local_problems(st.first_bad_step, [st.train_loss], list(model.parameters()))
-            else:
-                beta = beta_for_epoch(pc, phase.method, parallel_epochs_before(phases, epoch))
-                if pipeline:
-                    beta_eff = effective_beta(beta, pipe.rank)
-                    st = par.train_epoch(epoch, lr_fn, 0.0 if math.isnan(beta_eff) else beta_eff)
-                else:  # one beta for the whole pipeline: every boundary's cap applies
-                    beta_eff = min([beta] + [c[1] for c in caps[:-1]])
-                    st = par.train_epoch(epoch, lr_fn, beta_eff)
-                since_sweep += 1
-                losses = [st.local_loss] + ([st.train_loss] if pipe.rank == pipe.size - 1 else [])
-                problems = G.local_problems(st.first_bad_step, losses, par.params,
-                                            [("auxiliary values", st.extra.get("nonfinite_aux", 0))])
-            epoch_s = time.perf_counter() - t0
-            counters = comm.counters.as_tuple()
-            diverged = None
-            try:
-                G.check(comm, problems, epoch=epoch, phase=phase.method,
-                        stage_of_rank=lambda r: r % pipe.size if phase.method in PARALLEL else "all",
-                        remedy=_remedy(cfg, phase.method) + (
-                            f" The last good checkpoint is {last_ckpt}." if last_ckpt else
-                            " No checkpoint was written before (run.checkpoint_every)."))
-            except G.DivergenceError as exc:
-                diverged = exc
-            test_loss = test_acc = nan
-            consistency = cosine = nan
-            eval_s = 0.0
-            t1 = time.perf_counter()
-            if diverged is None and phase.method in PARALLEL and par.probe:
-                consistency, cosine = diagnostics.probe(model, ranges, pipe, data, par.filter, par)
-            evaluate_now = (epoch + 1) % cfg.train.eval_every == 0 or epoch == n_epochs - 1
-            if diverged is None and evaluate_now and phase.method != "skip":
-                if phase.method in PARALLEL:
-                    share_stages(model, ranges, pipe)  # the true network G: gather the stages
-                # Evaluate with re-estimated BatchNorm statistics after every epoch of every method:
-                # running averages taken while the weights moved (or per stage and per micro-batch in
-                # a parallel phase) misjudge the network at hand, and unequally between methods.
-                recalibrate_bn(model, data, comm, pc.bn_batches, cfg.data.batch_size, cfg.train.seed)
-                test_loss, test_acc = evaluate(model, data, comm, cfg.data.eval_batch_size)
-                final = test_acc
-                best = test_acc if math.isnan(best) else max(best, test_acc)
-            eval_s = time.perf_counter() - t1
-            comm_s, wait_s, sent, recv = counters
-            local = (st.local_loss, st.residual, st.multiplier_norm) if phase.method in PARALLEL else (nan,) * 3
+            st, beta, beta_eff, problems = _train(ctx, loop, step, progress)
+            epoch_s, (comm_s, wait_s, sent, recv) = time.perf_counter() - t0, comm.counters.as_tuple()
+            diverged = _check(ctx, loop, step, problems)
+            t0 = time.perf_counter()
+            test_loss, test_acc, cons, cos = _evaluate(ctx, loop, step) if diverged is None else (math.nan,) * 4
+            par = step.method in PARALLEL
             mine = {"compute_seconds": st.compute_seconds, "comm_seconds": comm_s, "wait_seconds": wait_s,
                     "bytes_sent": sent, "bytes_recv": recv, "epoch_seconds": epoch_s,
-                    "switch_bytes_sent": switch_bytes, "local_loss": local[0], "residual": local[1],
-                    "multiplier_norm": local[2], "train_loss": st.train_loss, "train_acc": st.train_acc,
-                    "consistency": consistency, "grad_cosine": cosine, "beta_effective": beta_eff}
-            per_rank = comm.gather_obj(mine)
-            if comm.rank == 0:
-                col = {k: [r[k] for r in per_rank] for k in mine}
-                if pipeline and phase.method in PARALLEL:
-                    # boundary k's residual and multipliers live on rank k-1: report them at rank k
-                    for key in ("residual", "multiplier_norm"):
-                        col[key] = [nan] + col[key][:-1]
-                row = {"epoch": epoch, "phase": phase.method, "phase_index": pidx, "lr": lr_fn(epoch),
-                       "beta": beta, "test_loss": test_loss, "test_acc": test_acc,
-                       "switch_seconds": switch_s, "eval_seconds": eval_s,
-                       "epoch_seconds": max(col.pop("epoch_seconds")),
-                       # serial: every rank has the same figures; parallel: the relaxed network's
-                       # CE lives on the last rank
-                       "train_loss": col.pop("train_loss")[-1], "train_acc": col.pop("train_acc")[-1],
-                       **col}
+                    "switch_bytes_sent": switch_bytes, "local_loss": st.local_loss if par else math.nan,
+                    "residual": st.residual if par else math.nan,
+                    "multiplier_norm": st.multiplier_norm if par else math.nan, "train_loss": st.train_loss,
+                    "train_acc": st.train_acc, "consistency": cons, "grad_cosine": cos, "beta_effective": beta_eff}
+            row = _row(ctx, step, mine, {"beta": beta, "test_loss": test_loss, "test_acc": test_acc,
+                                         "switch_seconds": switch_s, "eval_seconds": time.perf_counter() - t0})
+            if row is not None:
                 writer.append(row)
-                progress.log(epoch_line(row, n_epochs))
+                progress.log(epoch_line(row, ctx.n_epochs))
                 if diverged is not None:
-                    writer.set_attrs(status="diverged", diverged_epoch=epoch, diverged_message=str(diverged),
+                    writer.set_attrs(status="diverged", diverged_epoch=step.epoch, diverged_message=str(diverged),
                                      wall_seconds=time.perf_counter() - t_start)
             if diverged is not None:
                 raise diverged
-            stopping = (bool(comm.allreduce_array([stop.requested], "max")[0])
-                        or 0 < cfg.run.stop_after <= epoch + 1) and epoch < n_epochs - 1
-            every = cfg.run.checkpoint_every
-            if stopping or (every and (epoch + 1) % every == 0) or (every and epoch == n_epochs - 1):
-                if par is not None:
-                    share_stages(model, ranges, pipe, opt)  # the whole network, rank-count independent
-                saved = C.save(ckpt_dir, comm, epoch=epoch, model=model, optimizer=opt,
-                               store=par.store if par is not None else None,
-                               meta={"world_size": comm.size, "replicas": R, "metrics_path": path,
-                                     "best_test_acc": best,
-                                     "final_test_acc": final, "config": cfg.to_dict(),
-                                     "stage_ranges": [list(r) for r in ranges] if ranges else None,
-                                     "element_costs": costs})
-                last_ckpt = saved
-                progress.log(f"checkpoint: {saved}")
-            if stopping:
+            signalled = bool(comm.allreduce_array([stop.requested], "max")[0]) and not step.last
+            if step.checkpoint or signalled:
+                loop.last_ckpt = _checkpoint(ctx, loop, step, path)
+                progress.log(f"checkpoint: {loop.last_ckpt}")
+            if signalled or step.stop:
                 wall = time.perf_counter() - t_start
                 if comm.rank == 0:
                     writer.set_attrs(status="checkpointed", wall_seconds_last_segment=wall)
-                    why = "a signal" if stop.requested else f"run.stop_after={cfg.run.stop_after}"
-                    progress.log(f"stopped by {why} after epoch {epoch + 1}; checkpoint {saved}; "
+                    why = "a signal" if signalled else f"run.stop_after={cfg.run.stop_after}"
+                    progress.log(f"stopped by {why} after epoch {step.epoch + 1}; checkpoint {loop.last_ckpt}; "
                                  f"exit code {EXIT_CHECKPOINTED}: resume with --resume auto "
                                  "(the SLURM template requeues the job)")
-                return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best,
-                               wall_seconds=wall, epochs=n_epochs, stopped_at=epoch, checkpoint=saved)
-    for c in (pipe, reps):
-        if c is not None and c is not comm:
-            c.free()
+                ctx.free()
+                return Summary(metrics_path=path, final_test_acc=loop.final, best_test_acc=loop.best,
+                               wall_seconds=wall, epochs=ctx.n_epochs, stopped_at=step.epoch,
+                               checkpoint=loop.last_ckpt)
+    ctx.free()
     wall = time.perf_counter() - t_start
     if comm.rank == 0:
-        writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=final,
+        writer.set_attrs(status="completed", wall_seconds=wall, final_test_acc=loop.final,
                          finished=M.provenance({})["started"])
-        progress.log(f"done in {wall:.1f}s: final test accuracy {100 * final:.2f}% "
-                     f"(best {100 * best:.2f}%); metrics written to {path}")
-    return Summary(metrics_path=path, final_test_acc=final, best_test_acc=best, wall_seconds=wall,
-                   epochs=n_epochs)
+        progress.log(f"done in {wall:.1f}s: final test accuracy {100 * loop.final:.2f}% "
+                     f"(best {100 * loop.best:.2f}%); metrics written to {path}")
+    return Summary(metrics_path=path, final_test_acc=loop.final, best_test_acc=loop.best, wall_seconds=wall,
+                   epochs=ctx.n_epochs)

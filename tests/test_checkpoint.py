@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
 from hpc_layerpar.metrics import read_metrics
+
+from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
 
 pytestmark = pytest.mark.spawns
 

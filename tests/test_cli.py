@@ -6,8 +6,9 @@ import time
 
 import pytest
 
-from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
 from hpc_layerpar.metrics import read_metrics
+
+from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
 
 pytestmark = pytest.mark.spawns
 

@@ -1,7 +1,8 @@
 import pytest
 
-from conftest import run_cli
 from hpc_layerpar.config import PRESETS, ConfigError, from_dict, resolve
+
+from conftest import run_cli
 
 
 def test_every_preset_resolves():

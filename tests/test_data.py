@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_dataset
 from hpc_layerpar.data import Augment, DeviceDataset, epoch_batches, epoch_permutation, shard_range
 from hpc_layerpar.dataformat import DataError, read_dataset
+
+from conftest import make_dataset
 
 
 def test_roundtrip_and_normalisation(tmp_path):

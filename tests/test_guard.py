@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_dataset, run_cli
 from hpc_layerpar.filters import DSFilter
 from hpc_layerpar.guard import EXIT_DIVERGED, penalty_curvature
 from hpc_layerpar.metrics import read_metrics
 from hpc_layerpar.progress import epoch_line
+
+from conftest import make_dataset, run_cli
 
 
 class _Seq(nn.Module):

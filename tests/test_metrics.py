@@ -6,10 +6,11 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, assert_all
 from hpc_layerpar.config import from_dict, resolve
 from hpc_layerpar.metrics import COLUMNS, MetricsError, MetricsWriter, read_metrics
 from hpc_layerpar.train import run
+
+from conftest import ROOT, assert_all
 
 
 def row(epoch, world):
@@ -52,12 +53,13 @@ def test_readme_documents_every_column():
 
 
 @pytest.mark.mpi
-def test_parallel_epochs_fill_every_column_with_its_meaning(world, tiny_data, tmp_path_factory):
+@pytest.mark.parametrize("coupling", ["pipeline", "epoch"])
+def test_parallel_epochs_fill_every_column_with_its_meaning(world, tiny_data, tmp_path_factory, coupling):
     out = world.bcast_obj(str(tmp_path_factory.mktemp("runs")) if world.rank == 0 else None)
     cfg = resolve("digits-resnet-al", None, [
         f"data.path={tiny_data}", "data.batch_size=16", "model.depth=8", "train.phases=al:2,serial:1",
         "parallel.beta=0.02", "parallel.partition=macs", f"run.out_dir={out}", "run.name=cols",
-        "run.progress=off", "run.threads=1"])
+        "run.progress=off", "run.threads=1", f"parallel.coupling={coupling}"])
     t0 = time.perf_counter()
     s = run(cfg, world, quiet=True)
     wall = time.perf_counter() - t0
@@ -68,7 +70,9 @@ def test_parallel_epochs_fill_every_column_with_its_meaning(world, tiny_data, tm
         par, ser = slice(0, 2), 2
         checks = {
             "epoch time is a duration": bool((c["epoch_seconds"] > 0).all() and (c["epoch_seconds"] < wall).all()),
-            "switch time on phase entries": k == 1 or c["switch_seconds"][0] > 10 * c["switch_seconds"][1],
+            # (no timing comparison: a loaded machine makes any ratio of small durations flaky)
+            "switch time is a duration": bool((c["switch_seconds"] >= 0).all() and (c["switch_seconds"] < wall).all()),
+            "no switch traffic inside a phase": bool((c["switch_bytes_sent"][1] == 0).all()),
             "beta in parallel epochs only": list(c["beta"][par]) == [0.02, 0.02] and math.isnan(c["beta"][ser]),
             "residual NaN at rank 0": bool(np.isnan(c["residual"][par, 0]).all()),
             "residual > 0 at boundaries": k == 1 or bool((c["residual"][par, 1:] > 0).all()),
@@ -76,7 +80,11 @@ def test_parallel_epochs_fill_every_column_with_its_meaning(world, tiny_data, tm
             "local loss finite in parallel": bool(np.isfinite(c["local_loss"][par]).all()),
             "local loss NaN in serial": bool(np.isnan(c["local_loss"][ser]).all()),
             "bytes follow the direction of messages": k == 1 or bool((c["bytes_sent"][par] > 0).all()),
-            "sweep traffic counted at the switch": k == 1 or bool(c["switch_bytes_sent"][0, :-1].min() > 0),
+            # epoch coupling sweeps the auxiliary variables in at phase entry; the pipeline keeps
+            # none between ticks, so it enters without traffic
+            "sweep traffic counted at the switch": k == 1 or (
+                bool(c["switch_bytes_sent"][0, :-1].min() > 0) if coupling == "epoch"
+                else bool((c["switch_bytes_sent"][0] == 0).all())),
             "wait <= comm": bool((c["wait_seconds"] <= c["comm_seconds"] + 1e-9).all()),
             "train loss is a CE": bool((c["train_loss"] > 0).all() and (c["train_loss"] < 10).all()),
         }

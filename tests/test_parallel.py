@@ -5,16 +5,18 @@ import hashlib
 import pytest
 import torch
 
-from conftest import assert_all
 from hpc_layerpar.auxstore import al_update, penalty_update
-from hpc_layerpar.comm import Comm
+from hpc_layerpar.comm import Comm, Topology
 from hpc_layerpar.config import OptimConfig, ParallelConfig
 from hpc_layerpar.data import DeviceDataset, replica_shard
 from hpc_layerpar.models import build_model
 from hpc_layerpar.parallel import ParallelEngine
 from hpc_layerpar.partition import balanced_partition
 from hpc_layerpar.serial import SerialEngine, make_optimizer
-from hpc_layerpar.sweep import forward_sweep, share_stages
+from hpc_layerpar.stages import share_stages
+from hpc_layerpar.sweep import forward_sweep
+
+from conftest import assert_all
 from reference import simulate
 
 SEED, BATCH, LR, EPOCHS, BETA = 5, 16, 0.02, 2, 0.02
@@ -79,12 +81,12 @@ def test_mpi_engine_equals_single_process_simulation(world, tiny_data, method, d
 @pytest.mark.parametrize("method", ["penalty", "al"])
 def test_hybrid_stages_times_replicas_equal_simulation(world, tiny_data, method):
     """World = K stages x R replicas (R = 2 on an even number of ranks: K = 2, R = 2 at 4 ranks),
-    split as train.py does; every rank's stage, shard of auxiliary variables and multipliers match
+    laid out by comm.Topology as the run does; every rank's stage, shard of auxiliary variables and multipliers match
     the single-process simulation."""
     R = 2 if world.size % 2 == 0 else 1
-    K = world.size // R
-    replica, stage = divmod(world.rank, K)
-    pipe, reps = world.split(replica, stage), world.split(stage, replica)
+    topo = Topology(world, R)  # the layout the run uses
+    K, replica, stage, pipe = topo.stages, topo.replica, topo.stage, topo.pipe
+    reps = topo.reps
     try:
         data = DeviceDataset(tiny_data, torch.device("cpu"))
         ranges = balanced_partition(make_model().costs, K)
@@ -93,13 +95,12 @@ def test_hybrid_stages_times_replicas_equal_simulation(world, tiny_data, method)
         model = make_model()
         opt = make_optimizer(model, OPT)
         eng = ParallelEngine(model, opt, pipe, data, ranges, pcfg, method=method, batch_size=BATCH,
-                             drop_last=True, seed=SEED, replica_comm=reps if R > 1 else None, shard=shard)
+                             drop_last=True, seed=SEED, replica_comm=reps, shard=shard)
         forward_sweep(model, ranges, pipe, data, eng.store, eng.filter, BATCH // R, ids=shard)
         for e in range(EPOCHS):
             eng.train_epoch(e, lambda t: LR, BETA)
     finally:
-        pipe.free()
-        reps.free()
+        topo.free()
     sim_models, A, M = simulate(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method,
                                 ds=1, epochs=EPOCHS, batch_size=BATCH, seed=SEED, lr=LR, beta=BETA,
                                 replicas=R)

@@ -6,8 +6,7 @@ import threading
 import pytest
 import torch
 
-from conftest import assert_all
-from hpc_layerpar.comm import Comm
+from hpc_layerpar.comm import Comm, Topology
 from hpc_layerpar.config import OptimConfig, ParallelConfig
 from hpc_layerpar.data import DeviceDataset, replica_shard
 from hpc_layerpar.models import build_model
@@ -15,6 +14,8 @@ from hpc_layerpar.partition import balanced_partition
 from hpc_layerpar.pipeline import PipelineEngine
 from hpc_layerpar.serial import SerialEngine, make_optimizer
 from hpc_layerpar.simulate import run_simulated
+
+from conftest import assert_all
 from reference import pipeline as reference
 
 SEED, BATCH, LR, EPOCHS = 5, 16, 0.05, 2
@@ -81,9 +82,9 @@ def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, mi
 def test_pipeline_hybrid_stages_times_replicas_equal_reference(world, tiny_data, method):
     """World = K stages x R replicas (R = 2 on an even number of ranks)."""
     R = 2 if world.size % 2 == 0 else 1
-    K = world.size // R
-    replica, stage = divmod(world.rank, K)
-    pipe, reps = world.split(replica, stage), world.split(stage, replica)
+    topo = Topology(world, R)  # the layout the run uses
+    K, replica, stage, pipe = topo.stages, topo.replica, topo.stage, topo.pipe
+    reps = topo.reps
     try:
         data = DeviceDataset(tiny_data, torch.device("cpu"))
         ranges = balanced_partition(make_model().costs, K)
@@ -92,12 +93,11 @@ def test_pipeline_hybrid_stages_times_replicas_equal_reference(world, tiny_data,
         model = make_model()
         eng = PipelineEngine(model, make_optimizer(model, OPT), pipe, data, ranges, pcfg, method=method,
                              batch_size=BATCH, drop_last=True, seed=SEED,
-                             replica_comm=reps if R > 1 else None, shard=shard)
+                             replica_comm=reps, shard=shard)
         for e in range(EPOCHS):
             eng.train_epoch(e, lambda t: LR, betas_for(K)[stage])
     finally:
-        pipe.free()
-        reps.free()
+        topo.free()
     ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=1,
                        epochs=EPOCHS, batch_size=BATCH, micro=2, seed=SEED, lr=LR, betas=betas_for(K),
                        replicas=R)

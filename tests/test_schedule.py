@@ -42,3 +42,42 @@ def test_skip_epochs_keep_their_place_in_the_schedule():
     assert [p.method for p in phases] == ["skip", "serial"] and total_epochs(phases) == 5
     assert phase_of_epoch(phases, 3)[1].method == "serial"
     assert parallel_epochs_before(phases, 4) == 0
+
+
+def _plan(text, **kw):
+    from hpc_layerpar.schedule import epoch_plan
+    return [(s.epoch, s.method, s.enter, s.parallel_before, s.evaluate, s.checkpoint, s.stop)
+            for s in epoch_plan(parse_phases(text), **kw)]
+
+
+def test_epoch_plan_of_an_sph_run():
+    assert _plan("penalty:2,serial:1,al:2", eval_every=2, checkpoint_every=2) == [
+        (0, "penalty", "phase", 0, False, False, False),
+        (1, "penalty", "", 1, True, True, False),
+        (2, "serial", "share", 2, False, False, False),
+        (3, "al", "phase", 2, True, True, False),
+        (4, "al", "", 3, True, True, False),        # the last epoch is always evaluated and saved
+    ]
+
+
+def test_epoch_plan_resumed_inside_a_parallel_phase_and_into_a_serial_phase():
+    # after a checkpoint at epoch 0: the launch starts inside the penalty phase
+    assert _plan("penalty:2,serial:2", start_epoch=1) == [
+        (1, "penalty", "resume", 1, True, False, False),
+        (2, "serial", "share", 2, True, False, False),
+        (3, "serial", "", 2, True, False, False)]
+    # after a checkpoint at epoch 1, the last parallel one: the serial phase still gathers the stages
+    assert _plan("penalty:2,serial:2", start_epoch=2)[0][:3] == (2, "serial", "share")
+    # after a checkpoint inside the serial phase: nothing to enter
+    assert _plan("penalty:2,serial:2", start_epoch=3)[0][:3] == (3, "serial", "")
+
+
+def test_epoch_plan_refresh_stop_and_skip():
+    plan = _plan("penalty:5", refresh_every=2, coupling="epoch", stop_after=3)
+    assert [p[2] for p in plan] == ["phase", "", "refresh", "", "refresh"]
+    assert [p[6] for p in plan] == [False, False, True, False, False]
+    assert plan[2][5], "a stop checkpoints"
+    assert [p[2] for p in _plan("penalty:5", refresh_every=2)] == ["phase", "", "", "", ""], "pipeline: no sweeps"
+    assert [(p[1], p[2], p[4]) for p in _plan("skip:2,serial:1")] == [
+        ("skip", "", False), ("skip", "", False), ("serial", "", True)]
+    assert _plan("penalty:1,skip:1,serial:1")[2][2] == "share", "the stages are still apart after a skip"

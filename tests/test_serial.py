@@ -5,12 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_all
 from hpc_layerpar.comm import Comm
 from hpc_layerpar.data import Augment, DeviceDataset, epoch_batches
+from hpc_layerpar.evaluate import evaluate
 from hpc_layerpar.models import build_model
 from hpc_layerpar.serial import SerialEngine
-from hpc_layerpar.sweep import evaluate
+
+from conftest import assert_all
 
 pytestmark = pytest.mark.mpi
 

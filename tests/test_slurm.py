@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, make_dataset
 from hpc_layerpar.metrics import read_metrics
+
+from conftest import ROOT, make_dataset
 
 pytestmark = pytest.mark.spawns
 SCRIPT = os.path.join(ROOT, "tools", "local-slurm.sh")

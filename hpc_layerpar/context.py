@@ -1,0 +1,160 @@
+"""Everything a run sets up once, before its first epoch: device, threads, data, model, optimizer,
+the K x R topology, the stage split, the curvature guard's caps and the resume state. Each step is
+agreed on by all ranks, so a user error on one rank ends the job on every rank before training."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass, field
+
+from . import checkpoint as C
+from . import guard as G
+from .comm import Topology, detect_cuda_aware
+from .config import Config, micro_batches
+from .data import DeviceDataset, make_augment, replica_shard
+from .errors import ConfigError
+from .filters import DSFilter
+from .models import model_from_config, smallest_map
+from .runsetup import agree, check_fit, element_costs, resolve_device, set_threads, stage_ranges
+from .schedule import PARALLEL, lr_at, parse_phases, total_epochs
+from .serial import SerialEngine, make_optimizer
+
+
+@dataclass
+class RunContext:
+    """The state a run is built from; the training loop (train.py) only reads it, and the engines."""
+    cfg: Config
+    comm: object
+    device: object
+    threads: int
+    data: DeviceDataset
+    model: object
+    opt: object
+    phases: list
+    n_epochs: int
+    ckpt_dir: str
+    augment: object
+    serial: SerialEngine
+    src: str | None = None               # the checkpoint this launch resumes from
+    meta: C.CheckpointMeta | None = None
+    topo: Topology | None = None          # parallel runs only
+    ranges: list | None = None
+    costs: list | None = None
+    caps: list = field(default_factory=list)  # per stage: (penalty curvature, beta cap) of its output
+    shard: object = None                 # this replica's sample ids (R > 1)
+    same_split: bool = False             # resumed at the rank count and split of the checkpoint
+    micro: int = 1                       # the pipeline's micro-batches per step
+
+    @property
+    def start_epoch(self) -> int:
+        return 0 if self.meta is None else self.meta.epoch + 1
+
+    @property
+    def pipe(self):
+        return self.topo.pipe if self.topo is not None else self.comm
+
+    @property
+    def methods(self) -> set:
+        return {p.method for p in self.phases}
+
+    def lr(self, t: float) -> float:
+        """The learning rate at fractional global epoch t."""
+        o = self.cfg.optim
+        return lr_at(t, base=o.lr, total=self.n_epochs, schedule=o.schedule, warmup=o.warmup_epochs,
+                     milestones=o.milestones, gamma=o.gamma)
+
+    def beta(self, scheduled: float) -> float:
+        """The penalty weight this rank's stage uses (after the curvature guard). Pipeline: its own
+        outgoing boundary's cap (NaN on the last stage); epoch coupling: one weight, every cap."""
+        if not self.caps:
+            return math.nan
+        if self.cfg.parallel.coupling == "epoch":
+            return min([scheduled] + [c[1] for c in self.caps[:-1]])
+        k = self.pipe.rank
+        return math.nan if k == len(self.caps) - 1 else min(scheduled, self.caps[k][1])
+
+    def free(self) -> None:
+        if self.topo is not None:
+            self.topo.free()
+
+
+def check_same_config(cfg: Config, comm) -> None:
+    """Ranks launched with different command lines (MPMD, typos in a script) stop at start."""
+    digests = comm.allgather_obj(hashlib.sha256(cfg.to_json().encode()).hexdigest())
+    odd = [r for r, d in enumerate(digests) if d != digests[0]]
+    if odd:
+        raise ConfigError(f"ranks {odd} resolved a different configuration than rank 0 (different "
+                          "--set values, config files or presets per rank?). Give every rank the same "
+                          "command line and files.")
+
+
+def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
+    """Set up a run on every rank (collective). resume: None, "auto" or a checkpoint folder."""
+    pc = cfg.parallel
+    phases = parse_phases(cfg.train.phases)
+    ckpt_dir = cfg.run.checkpoint_dir or C.default_dir(cfg.run.out_dir, cfg.run.name)
+
+    def setup():
+        check_same_config(cfg, comm)
+        if pc.simulate and comm.size != pc.simulate:
+            raise ConfigError(f"parallel.simulate={pc.simulate} runs the virtual ranks as threads of one "
+                              f"process, but this job has {comm.size} MPI ranks; launch it without mpiexec "
+                              "(or with -n 1), or drop parallel.simulate.")
+        device = resolve_device(cfg.run.device, comm.local_rank)
+        threads = set_threads(cfg.run.threads, comm.local_size)
+        data = DeviceDataset(cfg.data.path, device, subset=cfg.data.subset)
+        check_fit(cfg, data, comm)
+        c, h, _ = data.shape
+        model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
+                                  seed=cfg.train.seed).to(device)
+        src = None
+        if resume:
+            src = C.latest(ckpt_dir) if resume == "auto" else resume
+            if resume != "auto" and (src is None or not os.path.exists(os.path.join(src, "meta.json"))):
+                raise ConfigError(f"--resume {resume}: no checkpoint there (a folder with meta.json); "
+                                  f"use --resume auto to take the latest in {ckpt_dir}.")
+        return device, threads, data, model, src
+
+    device, threads, data, model, src = agree(comm, setup)
+    if device.type == "cuda":
+        comm.cuda_aware = {"on": True, "off": False}.get(cfg.run.cuda_aware) if cfg.run.cuda_aware != "auto" \
+            else all(comm.allgather_obj(detect_cuda_aware()))
+    opt = make_optimizer(model, cfg.optim)
+    meta = None
+    if src is not None:
+        meta = C.load_meta(src)
+        C.load_model(src, model, opt)
+    augment = make_augment(cfg.data, data, cfg.train.seed)
+    serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
+                          drop_last=cfg.data.drop_last, seed=cfg.train.seed)
+    ctx = RunContext(cfg=cfg, comm=comm, device=device, threads=threads, data=data, model=model, opt=opt,
+                     phases=phases, n_epochs=total_epochs(phases), ckpt_dir=ckpt_dir, augment=augment,
+                     serial=serial, src=src, meta=meta)
+    if ctx.methods & set(PARALLEL):
+        _split(ctx)
+    return ctx
+
+
+def _split(ctx: RunContext) -> None:
+    """Topology, stage split and the curvature guard's caps of a run with parallel phases."""
+    cfg, comm, pc, meta = ctx.cfg, ctx.comm, ctx.cfg.parallel, ctx.meta
+    ctx.topo = agree(comm, lambda: Topology(comm, pc.replicas))
+    sub_batch = cfg.data.batch_size // pc.replicas
+    if pc.replicas > 1:
+        ctx.shard = replica_shard(ctx.data.n_train, pc.replicas, ctx.topo.replica, cfg.train.seed)
+    ctx.same_split = bool(meta is not None and meta.world_size == comm.size and meta.replicas == pc.replicas
+                          and meta.stage_ranges)
+    if ctx.same_split:  # the split the run started with: a re-measured one could differ
+        ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
+    else:
+        ctx.costs = element_costs(ctx.model, pc, comm, sub_batch, ctx.device)
+        ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs))
+    ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model))
+    # The curvature guard: every rank measures its outgoing boundary on the whole network it holds
+    # now, then the pipeline shares the caps (ALGORITHM.md s.4c).
+    batch = sub_batch // ctx.micro if pc.coupling == "pipeline" else sub_batch
+    mine = agree(comm, lambda: G.beta_caps(ctx.model, ctx.ranges, ctx.data, DSFilter(pc.ds), rank=ctx.topo.stage,
+                                           coupling=pc.coupling, beta=pc.beta, lr=cfg.optim.lr, batch=batch,
+                                           seed=cfg.train.seed, mode=pc.beta_guard))
+    ctx.caps = ctx.pipe.allgather_obj(mine)
