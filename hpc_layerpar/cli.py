@@ -6,8 +6,9 @@ import sys
 
 from . import __version__
 from .comm import abort_job, world_rank
-from .config import ConfigError, describe_presets, resolve
+from .config import ConfigError, resolve
 from .dataformat import DataError
+from .presets import describe_presets
 
 EXIT_USAGE = 2
 

@@ -131,7 +131,8 @@ class Comm:
         self.counters.comm_seconds += time.perf_counter() - t0
         if source != MPI.PROC_NULL:
             self.counters.bytes_recv += t.numel() * t.element_size()
-        on_done = (lambda: t.copy_(staged)) if staged is not None else None
+        # nothing arrives from PROC_NULL: the staging buffer holds garbage then, leave t as it is
+        on_done = (lambda: t.copy_(staged)) if staged is not None and source != MPI.PROC_NULL else None
         return Pending(self, req, keep=(t, arr), on_done=on_done)
 
     def neighbours(self) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 import yaml
 
 from .errors import ConfigError
+from .presets import PRESETS
 from .schedule import parse_phases
 
 __all__ = ["Config", "ConfigError", "PRESETS", "resolve", "from_dict", "validate", "micro_batches"]
@@ -86,6 +87,7 @@ class RunConfig:
     out_dir: str = "runs"
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     threads: int = 0            # torch threads per rank; 0: cores per node / ranks per node
+    deterministic: bool = False  # bitwise-reproducible kernels on GPUs too (PyTorch deterministic algorithms)
     cuda_aware: str = "auto"    # GPU tensors straight to MPI: auto (ask the MPI library) | on | off (stage via pinned host memory)
     progress: str = "auto"      # auto: a live bar on a terminal, lines otherwise | lines | off
     checkpoint_every: int = 0   # epochs between checkpoints (0: only on SIGUSR1/SIGTERM)
@@ -118,49 +120,6 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
-
-
-# Presets are overrides on the defaults; names read dataset-architecture-method[-ds2].
-_DATASETS = {
-    "digits": {"data": {"path": "data/digits.h5", "batch_size": 64, "eval_batch_size": 512},
-               "optim": {"lr": 0.05, "warmup_epochs": 1}, "epochs": 30},
-    "mnist": {"data": {"path": "data/mnist.h5", "batch_size": 128},
-              "optim": {"lr": 0.1, "warmup_epochs": 1}, "epochs": 20},
-    "fashion": {"data": {"path": "data/fashion.h5", "batch_size": 128},
-                "optim": {"lr": 0.1, "warmup_epochs": 1}, "epochs": 20},
-    "cifar10": {"data": {"path": "data/cifar10.h5", "batch_size": 128},
-                "optim": {"lr": 0.1, "warmup_epochs": 2}, "epochs": 160},
-    "cifar100": {"data": {"path": "data/cifar100.h5", "batch_size": 128},
-                 "optim": {"lr": 0.1, "warmup_epochs": 2}, "epochs": 200},
-}
-_MODELS = {"resnet": {"arch": "resnet", "depth": 20}, "resnet56": {"arch": "resnet", "depth": 56},
-           "wrn28-10": {"arch": "wrn", "depth": 28, "width": 10}}
-_PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("fashion", "resnet"), ("cifar10", "resnet56"), ("cifar10", "wrn28-10"),
-          ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
-# SPH: the parallel phase first, then the serial correction (80% of the epochs parallel), as the
-# paper describes the hybrid. No per-dataset penalty weight: the per-element beta and the curvature
-# guard carry over between datasets and models.
-_PARALLEL = {"penalty": {}, "al": {}}
-
-
-def _make_presets() -> dict:
-    out = {}
-    for ds, mname in _PAIRS:
-        d, m = _DATASETS[ds], _MODELS[mname]
-        epochs = d["epochs"]
-        base = {"data": dict(d["data"]), "model": dict(m),
-                "optim": {"weight_decay": 5e-4, "schedule": "cosine", **d["optim"]}}
-        out[f"{ds}-{mname}-serial"] = {**base, "train": {"phases": f"serial:{epochs}"}}
-        serial = epochs // 5
-        for method, par in _PARALLEL.items():
-            for s in (1, 2):
-                name = f"{ds}-{mname}-{method}" + ("-ds2" if s == 2 else "")
-                out[name] = {**base, "train": {"phases": f"{method}:{epochs - serial},serial:{serial}"},
-                             "parallel": {**par, "ds": s}}
-    return out
-
-
-PRESETS: dict[str, dict] = _make_presets()
 
 
 def _suggest(word: str, choices) -> str:
@@ -307,8 +266,16 @@ def _positive(key, value, strict=True):
 
 
 def validate(cfg: Config) -> None:
-    """Checks that need no data and no MPI; shape checks against the data happen in train.run."""
-    d, m, o, t, r = cfg.data, cfg.model, cfg.optim, cfg.train, cfg.run
+    """Checks that need no data and no MPI (shape checks against the data happen at set-up): a
+    ConfigError naming the key, the value and the remedy."""
+    _validate_model_data(cfg)
+    _validate_optim_train(cfg)
+    _validate_parallel(cfg)
+    _validate_run(cfg)
+
+
+def _validate_model_data(cfg: Config) -> None:
+    d, m = cfg.data, cfg.model
     _positive("data.batch_size", d.batch_size)
     _positive("data.eval_batch_size", d.eval_batch_size)
     if d.crop_pad < -1:
@@ -327,6 +294,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.depth={m.depth} is not a WideResNet depth 6n+4 (n >= 1); "
                           "use e.g. 16, 22, 28 or 40.")
     _positive("model.width", m.width)
+    _positive("data.subset", d.subset, strict=False)
+
+
+def _validate_optim_train(cfg: Config) -> None:
+    o, t = cfg.optim, cfg.train
     _positive("optim.lr", o.lr)
     if not 0 <= o.momentum < 1:
         raise ConfigError(f"optim.momentum={o.momentum} must lie in [0, 1).")
@@ -348,20 +320,36 @@ def validate(cfg: Config) -> None:
     _positive("train.eval_every", t.eval_every)
     if t.seed < 0:
         raise ConfigError(f"train.seed={t.seed} must be >= 0.")
+
+
+def _validate_run(cfg: Config) -> None:
+    r = cfg.run
     dev = r.device
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
     _positive("run.threads", r.threads, strict=False)
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
     _choice("run.cuda_aware", r.cuda_aware, ("auto", "on", "off"))
-    pc = cfg.parallel
+    _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
+    _positive("run.stop_after", r.stop_after, strict=False)
+    dbg = cfg.debug
+    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch) < 0 or \
+            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank) < -1:
+        raise ConfigError("debug.fail_rank / kill_rank / nan_rank must be >= -1 and debug.fail_epoch / "
+                          "kill_epoch / nan_epoch >= 0.")
+    if not r.name or any(c in r.name for c in "/\\ "):
+        raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
+                          "it names the metrics file.")
+
+
+def _validate_parallel(cfg: Config) -> None:
+    pc, d = cfg.parallel, cfg.data
     _choice("parallel.coupling", pc.coupling, ("pipeline", "epoch"))
     _choice("parallel.beta_guard", pc.beta_guard, ("auto", "refuse", "off"))
     _choice("parallel.switch_momentum", pc.switch_momentum, ("keep", "reset"))
     _positive("parallel.micro_batches", pc.micro_batches, strict=False)
     _positive("parallel.simulate", pc.simulate, strict=False)
     _positive("parallel.refresh_every", pc.refresh_every, strict=False)
-    _positive("data.subset", d.subset, strict=False)
     if not 0 < pc.al_rho <= 1:
         raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")
     if pc.coupling == "pipeline":
@@ -390,16 +378,6 @@ def validate(cfg: Config) -> None:
     if pc.partition not in ("time", "macs") and not all(
             c.strip().isdigit() for c in pc.partition.split(",")):
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
-    _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
-    _positive("run.stop_after", r.stop_after, strict=False)
-    dbg = cfg.debug
-    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch) < 0 or \
-            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank) < -1:
-        raise ConfigError("debug.fail_rank / kill_rank / nan_rank must be >= -1 and debug.fail_epoch / "
-                          "kill_epoch / nan_epoch >= 0.")
-    if not r.name or any(c in r.name for c in "/\\ "):
-        raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
-                          "it names the metrics file.")
 
 
 def micro_batches(pcfg, batch_size: int, min_pixels: int = 1) -> int:
@@ -413,15 +391,3 @@ def micro_batches(pcfg, batch_size: int, min_pixels: int = 1) -> int:
         return pcfg.micro_batches
     sub = batch_size // pcfg.replicas
     return max([m for m in range(1, 5) if sub % m == 0 and (sub // m) * min_pixels >= 1024] or [1])
-
-
-def describe_presets() -> str:
-    lines = []
-    for name in sorted(PRESETS):
-        p = PRESETS[name]
-        ds = p.get("parallel", {}).get("ds", 1)
-        lines.append(f"{name:32s} {p['model']['arch']}-{p['model']['depth']}"
-                     f"{'-' + str(p['model'].get('width')) if p['model'].get('width') else ''}"
-                     f"  data={p['data']['path']}  phases={p['train']['phases']}"
-                     + (f"  ds={ds}" if "parallel" in p else ""))
-    return "\n".join(lines)

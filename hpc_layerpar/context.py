@@ -16,7 +16,7 @@ from .data import DeviceDataset, make_augment, replica_shard
 from .errors import ConfigError
 from .filters import DSFilter
 from .models import model_from_config, smallest_map
-from .runsetup import agree, check_fit, element_costs, resolve_device, set_threads, stage_ranges
+from .runsetup import agree, check_fit, element_costs, resolve_device, set_deterministic, set_threads, stage_ranges
 from .schedule import PARALLEL, lr_at, parse_phases, total_epochs
 from .serial import SerialEngine, make_optimizer
 
@@ -101,6 +101,7 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
             raise ConfigError(f"parallel.simulate={pc.simulate} runs the virtual ranks as threads of one "
                               f"process, but this job has {comm.size} MPI ranks; launch it without mpiexec "
                               "(or with -n 1), or drop parallel.simulate.")
+        set_deterministic(cfg.run.deterministic)
         device = resolve_device(cfg.run.device, comm.local_rank)
         threads = set_threads(cfg.run.threads, comm.local_size)
         data = DeviceDataset(cfg.data.path, device, subset=cfg.data.subset)

@@ -9,16 +9,18 @@ not depend on timing: it equals the single-process simulation in tests/simulate.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .auxstore import DTYPES, AuxStore, al_update, penalty_update
 from .buckets import GradBucket, sync_device
+from .channels import Channel
 from .data import epoch_batches, replica_batches
 from .filters import DSFilter
 from .stages import stage_params
-from .stats import FIRST_BAD_NONE, PhaseStats
+from .stats import EpochSums, PhaseStats
 
 PARALLEL_METHODS = ("penalty", "al")
 
@@ -60,13 +62,23 @@ class ParallelEngine:
         self.sub_batch = batch_size // self.replicas
         self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 else None
         self.probe = None  # the epoch's last batch: ids and the gradient applied (diagnostics.py)
+        self.open_channels()
 
     # ---- helpers -------------------------------------------------------------------------
-    def _slots(self, shape):
-        return [torch.empty((self.sub_batch,) + tuple(shape), dtype=self.msg_dtype, device=self.device)
-                for _ in range(self.window)]
+    def open_channels(self) -> None:
+        """The stage's two channels, W slots each, allocated once per phase (null at the ends):
+        activations D(u) forward, targets (a_k, or a_k - m_k/beta for AL) backward."""
+        mk = dict(rows=self.sub_batch, dtype=self.msg_dtype, device=self.device, slots=self.window)
+        coarse_in = self.filter.coarse_shape(self.in_shape)
+        coarse_out = None if self.last else self.filter.coarse_shape(self.out_shape)
+        prev, nxt = (None if self.first else self.prev), (None if self.last else self.next)
+        self.activations = Channel(self.comm, "activations", recv_from=prev, send_to=nxt,
+                                   recv_shape=coarse_in, send_shape=coarse_out or (), **mk)
+        self.targets = Channel(self.comm, "targets", recv_from=nxt, send_to=prev,
+                               recv_shape=coarse_out or (), send_shape=coarse_in, **mk)
 
     def batches(self, epoch: int) -> list:
+        """This rank's (sub-)batches of the epoch: the serial order, or this replica's shard."""
         if self.shard is None:
             return epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
         steps = (self.data.n_train // self.replicas) // self.sub_batch  # the smallest shard decides
@@ -80,161 +92,122 @@ class ParallelEngine:
         return t
 
     def boundary_numel(self, which: str) -> int:
+        """Elements per sample of the (filtered) message at the stage's input or output."""
         shape = self.in_shape if which == "in" else self.out_shape
         c, h, w = self.filter.coarse_shape(shape)
         return c * h * w
 
     # ---- one epoch -----------------------------------------------------------------------
-    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:  # noqa: C901
-        model, comm, W = self.model, self.comm, self.window
-        model.train()
-        for p in model.parameters():  # only this stage's parameters get gradients and steps
+    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:
+        """One epoch: every batch trains the stage on its stored inputs and received targets, then
+        the auxiliary variables of the batch are updated once D(u_{k-1}) of it has arrived."""
+        self.model.train()
+        for p in self.model.parameters():  # only this stage's parameters get gradients and steps
             p.grad = None
         if self.bucket is not None:
             self.bucket.attach()
         batches = self.batches(epoch)
-        nb = len(batches)
+        nb, W = len(batches), self.window
+        # Epoch sums stay on the device and are read once at the end: a float() per batch would
+        # synchronise a GPU every step and undo the overlap the windowed messages buy.
+        ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, batches=batches, sums=EpochSums(self.device),
+                    pending=[None] * W)
         t_epoch = time.perf_counter()
-        comm_before = comm.counters.comm_seconds
-
-        tgt_buf = self._slots(self.filter.coarse_shape(self.out_shape)) if not self.last else None
-        zsend_buf = self._slots(self.filter.coarse_shape(self.out_shape)) if not self.last else None
-        zrecv_buf = self._slots(self.store.shape) if not self.first else None
-        tsend_buf = self._slots(self.store.shape) if not self.first else None
-        tgt_req, zsend_req, zrecv_req, tsend_req = ([None] * W for _ in range(4))
-        pending = [None] * W  # per slot: (batch j, idx, a_old, p) awaiting D(u_{k-1}) of batch j
-        # Epoch sums stay on the device (float64) and are read once at the end: a float() per batch
-        # would synchronise a GPU every step and undo the overlap the windowed messages buy.
-        LOCAL, CE, CORRECT, RES, MULT, BAD_AUX = range(6)
-        acc = torch.zeros(6, dtype=torch.float64, device=self.device)
-        first_bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=self.device)
-        counts = {"n": 0, "nupd": 0}
-
-        def post_target_recv(j):
-            s, n = j % W, len(batches[j])
-            tgt_req[s] = comm.irecv(tgt_buf[s][:n], self.next, tag=j, key=("tgt", s))
-
-        def post_z_recv(j):
-            s, n = j % W, len(batches[j])
-            zrecv_req[s] = comm.irecv(zrecv_buf[s][:n], self.prev, tag=j, key=("z", s))
-
-        def send_targets(j):
-            s, n = j % W, len(batches[j])
-            if tsend_req[s] is not None:
-                tsend_req[s].wait()
-            tsend_buf[s][:n].copy_(self.targets_for(batches[j], beta))
-            tsend_req[s] = comm.isend(tsend_buf[s][:n], self.prev, tag=j, key=("tsend", s))
-
-        def complete_update(s):
-            j, idx, a_old, p = pending[s]
-            zrecv_req[s].wait()
-            z = zrecv_buf[s][:len(idx)].float()  # may alias the slot: it is re-posted only below
-            if self.method == "penalty":
-                a_new = penalty_update(a_old, z, p, beta, self.eta)
-            else:
-                a_new, m_new = al_update(a_old, self.store.gather(idx, "m"), z, p, beta, self.eta)
-                self.store.scatter(idx, m_new, "m")
-                acc[MULT] += m_new.flatten(1).norm(dim=1).sum()
-                acc[BAD_AUX] += (~torch.isfinite(m_new)).sum()
-            self.store.scatter(idx, a_new)
-            acc[BAD_AUX] += (~torch.isfinite(a_new)).sum()
-            acc[RES] += torch.linalg.vector_norm((z - a_old).flatten(1), dim=1).sum()
-            counts["nupd"] += len(idx)
-            pending[s] = None
-            if j + W < nb:
-                post_z_recv(j + W)
-
+        comm_before = self.comm.counters.comm_seconds
         for j in range(min(W, nb)):
-            if not self.last:
-                post_target_recv(j)
-            if not self.first:
-                post_z_recv(j)
-                send_targets(j)
-
-        for j, idx in enumerate(batches):
-            s, n = j % W, len(idx)
-            lr = lr_fn(epoch + j / nb)
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            if not self.first and pending[s] is not None:
-                complete_update(s)  # frees the slot for batch j (at most W batches in flight)
-            if self.first:
-                x = self.data.train_batch(idx)[0]  # no augmentation: a_k[i] is tied to sample i
-                a = None
-            else:
-                a = self.store.gather(idx).requires_grad_(True)
-                x = self.filter.up(a)
-            target = None
-            if not self.last:
-                tgt_req[s].wait()
-                # A real copy (.float() of a float32 tensor would alias): the slot is re-posted now.
-                target = tgt_buf[s][:n].to(torch.float32, copy=True)
-                if j + W < nb:
-                    post_target_recv(j + W)
-            u = model(x, self.start, self.end)
-            if self.last:
-                y = self.data.train_y[idx.to(self.device)]
-                loss = F.cross_entropy(u, y)
-                acc[CE] += loss.detach() * n
-                acc[CORRECT] += (u.detach().argmax(1) == y).sum()
-            else:
-                d = self.filter.down(u)
-                loss = F.mse_loss(d, target, reduction="sum") * (0.5 * beta / n)
-            if self.bucket is None:
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-            else:
-                self.bucket.zero()
-                loss.backward()
-                # the mean over the R sub-batches = the gradient of the global batch
-                self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
-                self.bucket.flat /= self.replicas
-            if j == nb - 1:
-                self.probe = {"idx": [idx], "beta": beta}
-            self.opt.step()
-            first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, torch.clamp(first_bad, max=j))
-            acc[LOCAL] += loss.detach() * n
-            counts["n"] += n
-            if not self.last:
-                if zsend_req[s] is not None:
-                    zsend_req[s].wait()
-                zsend_buf[s][:n].copy_(d.detach())
-                zsend_req[s] = comm.isend(zsend_buf[s][:n], self.next, tag=j, key=("zsend", s))
-            if not self.first:
-                pending[s] = (j, idx, a.detach(), a.grad * n)  # per-sample adjoint p = |B| dL/da
-                if j + W < nb:
-                    send_targets(j + W)
-                # Drive MPI progress and apply updates whose inputs have arrived, oldest first.
-                for i in range(j - W + 1, j + 1):
-                    si = i % W
-                    if i >= 0 and pending[si] is not None and pending[si][0] == i:
-                        if not zrecv_req[si].test():
-                            break
-                        complete_update(si)
-
-        if not self.first:
-            for i in range(max(nb - W, 0), nb):
-                if pending[i % W] is not None:
-                    complete_update(i % W)
-        for req in (zsend_req + tsend_req):
-            if req is not None:
-                req.wait()
+            self.targets.post(j, len(batches[j]))
+            self.activations.post(j, len(batches[j]))
+            self._send_targets(ep, j)
+        for j in range(nb):
+            self._train_batch(ep, j)
+        for i in range(max(nb - W, 0), nb):
+            if ep.pending[i % W] is not None:
+                self._update_aux(ep, i % W)
+        self.activations.drain()
+        self.targets.drain()
         sync_device(self.device)
         elapsed = time.perf_counter() - t_epoch
-        nan = float("nan")
-        sums = acc.tolist()  # the one host read of the epoch
-        ns, nu = max(counts["n"], 1), max(counts["nupd"], 1)
-        bad = int(first_bad)
-        return PhaseStats(
-            local_loss=sums[LOCAL] / ns,
-            train_loss=sums[CE] / ns if self.last else nan,
-            train_acc=sums[CORRECT] / ns if self.last else nan,
-            residual=sums[RES] / nu if not self.first else nan,
-            multiplier_norm=sums[MULT] / nu if (self.method == "al" and not self.first) else nan,
-            steps=nb, samples=counts["n"],
-            compute_seconds=elapsed - (comm.counters.comm_seconds - comm_before),
-            first_bad_step=None if bad >= FIRST_BAD_NONE else bad,
-            extra={"nonfinite_aux": int(sums[BAD_AUX])})
+        return ep.sums.stats(first=self.first, last=self.last, al=self.method == "al", steps=nb,
+                             compute_seconds=elapsed - (self.comm.counters.comm_seconds - comm_before))
+
+    def _send_targets(self, ep: "_Epoch", j: int) -> None:
+        if self.targets.sends:
+            self.targets.send(j, self.targets_for(ep.batches[j], ep.beta))
+
+    def _train_batch(self, ep: "_Epoch", j: int) -> None:
+        """One step of the stage on batch j (ALGORITHM.md s.4b), then its messages."""
+        idx, W, nb = ep.batches[j], self.window, len(ep.batches)
+        s, n = j % W, len(idx)
+        lr = ep.lr_fn(ep.epoch + j / nb)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        if ep.pending[s] is not None:
+            self._update_aux(ep, s)  # frees the slot for batch j (at most W batches in flight)
+        if self.first:
+            x = self.data.train_batch(idx)[0]  # no augmentation: a_k[i] is tied to sample i
+            a = None
+        else:
+            a = self.store.gather(idx).requires_grad_(True)
+            x = self.filter.up(a)
+        target = None
+        if self.targets.receives:
+            # A real copy (.float() of a float32 tensor would alias): the slot is re-posted now.
+            target = self.targets.recv(j, n).to(torch.float32, copy=True)
+            if j + W < nb:
+                self.targets.post(j + W, len(ep.batches[j + W]))
+        u = self.model(x, self.start, self.end)
+        if self.last:
+            y = self.data.train_y[idx.to(self.device)]
+            loss = F.cross_entropy(u, y)
+            ep.sums.add_ce(loss.detach(), (u.detach().argmax(1) == y).sum(), n)
+        else:
+            d = self.filter.down(u)
+            loss = F.mse_loss(d, target, reduction="sum") * (0.5 * ep.beta / n)
+        if self.bucket is None:
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        else:
+            self.bucket.zero()
+            loss.backward()
+            # the mean over the R sub-batches = the gradient of the global batch
+            self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
+            self.bucket.flat /= self.replicas
+        if j == nb - 1:
+            self.probe = {"idx": [idx], "beta": ep.beta}
+        self.opt.step()
+        ep.sums.add_local(loss.detach(), n, j)
+        if not self.last:
+            self.activations.send(j, d.detach())
+        if not self.first:
+            ep.pending[s] = (j, idx, a.detach(), a.grad * n)  # per-sample adjoint p = |B| dL/da
+            if j + W < nb:
+                self._send_targets(ep, j + W)
+            # Drive MPI progress and apply updates whose inputs have arrived, oldest first.
+            for i in range(max(j - W + 1, 0), j + 1):
+                si = i % W
+                if ep.pending[si] is not None and ep.pending[si][0] == i:
+                    if not self.activations.ready(i):
+                        break
+                    self._update_aux(ep, si)
+
+    def _update_aux(self, ep: "_Epoch", s: int) -> None:
+        """The auxiliary (and AL multiplier) update of the batch pending in slot s, with the D(u_{k-1})
+        of it received from rank k-1."""
+        j, idx, a_old, p = ep.pending[s]
+        z = self.activations.recv(j, len(idx)).float()  # may alias the slot: it is re-posted only below
+        if self.method == "penalty":
+            a_new = penalty_update(a_old, z, p, ep.beta, self.eta)
+        else:
+            a_new, m_new = al_update(a_old, self.store.gather(idx, "m"), z, p, ep.beta, self.eta)
+            self.store.scatter(idx, m_new, "m")
+            ep.sums.add_mult(m_new.flatten(1).norm(dim=1).sum())
+            ep.sums.add_nonfinite(m_new)
+        self.store.scatter(idx, a_new)
+        ep.sums.add_nonfinite(a_new)
+        ep.sums.add_residual(torch.linalg.vector_norm((z - a_old).flatten(1), dim=1).sum(), len(idx))
+        ep.pending[s] = None
+        if j + self.window < len(ep.batches):
+            self.activations.post(j + self.window, len(ep.batches[j + self.window]))
 
     def probe_gradient(self) -> list:
         """Collective over the pipeline: the gradient this stage would take now for the probe batch
@@ -268,3 +241,14 @@ class ParallelEngine:
         if not self.first:
             out += samples * self.boundary_numel("in") * element_size    # targets backward
         return out
+
+
+@dataclass
+class _Epoch:
+    """One epoch's working state on one rank."""
+    epoch: int
+    lr_fn: object
+    beta: float
+    batches: list
+    sums: EpochSums
+    pending: list  # per slot: (batch j, idx, a_old, p) awaiting D(u_{k-1}) of batch j

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # annotations only: importing comm here at run time is not ne
 
 
 def resolve_device(spec: str, local_rank: int) -> torch.device:
+    """run.device as a torch device; ranks on one node take its GPUs round-robin."""
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "auto":
@@ -37,7 +38,21 @@ def resolve_device(spec: str, local_rank: int) -> torch.device:
     return torch.device("cuda", idx)
 
 
+def set_deterministic(on: bool) -> None:
+    """run.deterministic: PyTorch's deterministic algorithms (an error, not a silent fallback, for an
+    operation that has none), cuDNN without autotuning, and the cuBLAS workspace setting those need
+    (read when cuBLAS initialises, so set here, before the first CUDA kernel). CPU kernels of this
+    code are deterministic at a fixed thread count either way."""
+    if not on:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def set_threads(threads: int, local_size: int) -> int:
+    """torch threads per rank: run.threads, or this node's cores shared among its ranks (0)."""
     if threads == 0:
         try:
             cores = len(os.sched_getaffinity(0))

@@ -100,7 +100,7 @@ def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path):
     data = make_dataset(tmp_path / "d.h5", n_train=96)
     base = ["train", "--preset", "digits-resnet-al", "--set", f"data.path={data}", "--set", "data.batch_size=16",
             "--set", "model.depth=8", "--set", "train.phases=al:2,serial:1", "--set", "parallel.partition=macs",
-            "--set", "run.threads=1", "--set", f"run.out_dir={tmp_path}/runs"]
+            "--set", "run.threads=1", "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs"]
     mpi = run_cli(base + ["--set", "run.name=mpi"], n=3)
     sim = run_cli(base + ["--set", "run.name=sim", "--set", "parallel.simulate=3"], n=1)
     assert mpi.returncode == 0 and sim.returncode == 0, mpi.stderr + sim.stderr
@@ -110,3 +110,24 @@ def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path):
     for col in ("train_loss", "train_acc", "test_loss", "test_acc", "local_loss", "residual", "multiplier_norm",
                 "consistency", "grad_cosine", "beta_effective", "bytes_sent", "bytes_recv"):
         assert np.allclose(ma["columns"][col], mb["columns"][col], rtol=1e-5, atol=1e-6, equal_nan=True), col
+
+
+@pytest.mark.spawns
+def test_deterministic_runs_every_phase_and_matches_the_default_on_cpu(tmp_path):
+    """run.deterministic=true turns on PyTorch's deterministic algorithms, which raise for any op
+    without a deterministic kernel: serial and both parallel couplings must run under it. On the CPU
+    (one thread) the default kernels are deterministic already, so the figures are the same."""
+    import numpy as np
+
+    data = make_dataset(tmp_path / "d.h5", n_train=64)
+    base = ["train", "--preset", "digits-resnet-al", "--set", f"data.path={data}", "--set", "data.batch_size=16",
+            "--set", "model.depth=8", "--set", "train.phases=al:1,serial:1", "--set", "parallel.simulate=2",
+            "--set", "run.threads=1", "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs"]
+    for name, extra in (("plain", []), ("det", ["--set", "run.deterministic=true"]),
+                        ("det-epoch", ["--set", "run.deterministic=true", "--set", "parallel.coupling=epoch"])):
+        p = run_cli(base + ["--set", f"run.name={name}"] + extra, n=1)
+        assert p.returncode == 0, p.stderr
+    (a,), (b,) = (tmp_path / "runs").glob("plain-*.h5"), (tmp_path / "runs").glob("det-2*.h5")
+    ca, cb = read_metrics(str(a))["columns"], read_metrics(str(b))["columns"]
+    for col in ("train_loss", "test_loss", "local_loss", "residual"):
+        assert np.array_equal(ca[col], cb[col], equal_nan=True), col
