@@ -1,6 +1,6 @@
 # make demo  - set up .venv if needed, prepare the digits dataset, run the main job:
 #              SPH layer-parallel training on 2 ranks beside serial back-propagation
-# make test  - set up .venv if needed, run the whole suite (plain pytest, then MPI at 1, 2, 3, 4 ranks)
+# make test  - set up .venv if needed, lint (ruff), run the whole suite (plain pytest, then MPI at 1, 2, 3, 4 ranks)
 # make bench - the benchmarks (see benchmarks/README.md)
 #
 # On a cluster with your own Python/MPI/CUDA torch, skip the venv:
@@ -26,7 +26,7 @@ endif
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test test-serial test-mpi bench setup clean
+.PHONY: demo test lint test-serial test-mpi bench setup clean
 
 setup: $(SETUP)
 
@@ -51,7 +51,10 @@ demo: $(SETUP) data/digits.h5
 	$(PYTHON) -m hpc_layerpar summary $(DEMO_DIR)/*.h5
 
 test: $(SETUP)
-	$(MAKE) --no-print-directory test-serial test-mpi PYTHON=$(PYTHON) MPIEXEC=$(MPIEXEC)
+	$(MAKE) --no-print-directory lint test-serial test-mpi PYTHON=$(PYTHON) MPIEXEC=$(MPIEXEC)
+
+lint:
+	$(PYTHON) -m ruff check .
 
 test-serial:
 	timeout $(TEST_TIMEOUT) $(PYTHON) -m pytest -q

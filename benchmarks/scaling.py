@@ -62,7 +62,8 @@ def main():
     torch.set_num_threads(1)
     out = {}
     if a.validate:
-        measured = json.load(open(a.validate))
+        with open(a.validate) as fh:
+            measured = json.load(fh)
         here = S.Network("this machine (shared-memory MPI)", 1e-6, 5e9, memory_bandwidth())
         print(f"Validation at K = 2 on this machine (memory bandwidth {here.memory_bandwidth / 1e9:.1f} GB/s):")
         print("| model | method | measured rho | modelled rho | error |")
@@ -95,15 +96,16 @@ def main():
         for key, net in S.PRESETS.items():
             n_el = len(m.element_seconds)
 
-            def each(fn):  # a pipeline needs at least one element per rank
+            # The closures run inside this iteration; the defaults bind this iteration's values.
+            def each(fn, n_el=n_el):  # a pipeline needs at least one element per rank
                 return [fn(k) if k <= n_el else float("nan") for k in KS]
 
             rows = {
-                "parallel phase": each(lambda k: S.rho_parallel(m, k, net)),
-                "parallel, DS s=2": each(lambda k: S.rho_parallel(m, k, net, ds=2)),
-                "parallel, bf16 messages": each(lambda k: S.rho_parallel(m, k, net, msg_bytes=2)),
-                "SPH run (80% parallel)": each(lambda k: S.rho_sph(m, k, net)),
-                "data-parallel": each(lambda k: S.rho_dataparallel(m, k, net)),
+                "parallel phase": each(lambda k, m=m, net=net: S.rho_parallel(m, k, net)),
+                "parallel, DS s=2": each(lambda k, m=m, net=net: S.rho_parallel(m, k, net, ds=2)),
+                "parallel, bf16 messages": each(lambda k, m=m, net=net: S.rho_parallel(m, k, net, msg_bytes=2)),
+                "SPH run (80% parallel)": each(lambda k, m=m, net=net: S.rho_sph(m, k, net)),
+                "data-parallel": each(lambda k, m=m, net=net: S.rho_dataparallel(m, k, net)),
             }
             for label, vals in rows.items():
                 print(f"| {net.name} | {label} | " + " | ".join("-" if v != v else f"{v:.1f}" for v in vals) + " |")

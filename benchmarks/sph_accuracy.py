@@ -87,7 +87,8 @@ def plan(a) -> list:
         common = sub + ev + list(a.sets)
         for seed in a.seeds:
             runs.append(("serial BP", ds, f"{ds}-resnet-serial", 1, seed, common + [f"train.phases=serial:{epochs}"]))
-            runs.append(("serial-only control", ds, f"{ds}-resnet-serial", 1, seed, common + [f"train.phases={control}"]))
+            runs.append(("serial-only control", ds, f"{ds}-resnet-serial", 1, seed,
+                         common + [f"train.phases={control}"]))
             for method in ("penalty", "al"):
                 for k in a.ks:
                     runs.append((f"SPH {method}", ds, f"{ds}-resnet-{method}", k, seed,
@@ -114,15 +115,16 @@ def launch(label, ds, preset, k, seed, extra, out, cores):
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     mpiexec = mpiexec if os.path.exists(mpiexec) else os.environ.get("MPIEXEC", "mpiexec")
     cmd = ([mpiexec, "-n", str(k)] if (k > 1 and not simulate) else []) + py + [x for s in sets for x in ("--set", s)]
-    log = open(os.path.join(out, name + ".log"), "w")
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    # Popen gives the child its own copy of the descriptor, so ours can close once it has started.
+    with open(os.path.join(out, name + ".log"), "w") as log:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     return p, name, (1 if simulate else k)
 
 
 def collect(out, runs):
     rows = {}
-    for label, ds, preset, k, seed, extra in runs:
+    for label, ds, _preset, k, seed, _extra in runs:
         if label.startswith("early"):
             continue
         name = f"{ds}-{label.replace(' ', '_').replace('=', '').replace('-', '')}-k{k}-s{seed}"
@@ -144,7 +146,7 @@ def _isnan(a):
 
 def early_table(out, runs) -> str:
     lines = ["| method | K | test acc. after epoch 1 | after epoch 2 |", "| --- | --- | --- | --- |"]
-    for label, ds, preset, k, seed, extra in runs:
+    for label, ds, _preset, k, seed, _extra in runs:
         if not label.startswith("early"):
             continue
         name = f"{ds}-{label.replace(' ', '_').replace('=', '').replace('-', '')}-k{k}-s{seed}"

@@ -35,6 +35,8 @@ def _download(kind: str, root: str) -> str:
 
 
 def convert(kind: str, out: str, raw: str | None = None, download: str | None = None) -> str:
+    """Convert the raw files of `kind` (digits: scikit-learn's copy) into the HDF5 dataset `out`; return its
+    path. Without --raw or --download, Fashion-MNIST is read from the Debian package's folder if present."""
     if kind == "digits":
         train, test = C.load_digits()
         return write_dataset(out, name="digits", train=train, test=test, num_classes=10,
@@ -59,6 +61,8 @@ def convert(kind: str, out: str, raw: str | None = None, download: str | None = 
 
 
 def main(argv=None) -> int:
+    """`python -m data_prep`: write one dataset file unless it exists (--force rewrites it); exit 0, or 2 on
+    a conversion or I/O error."""
     p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__)
     p.add_argument("dataset", choices=sorted(DEFAULT_OUT))
     src = p.add_mutually_exclusive_group()

@@ -20,10 +20,12 @@ MNIST_FILES = {
 
 
 class ConvertError(ValueError):
-    pass
+    """A raw input is missing, unreadable or malformed; the message says what to fetch or point --raw at."""
 
 
 def load_digits():
+    """scikit-learn's digits as ((x, y) train, (x, y) test): (N, 1, 8, 8) uint8 images scaled to 0..255,
+    int64 labels, the fixed 1437/360 split."""
     from sklearn.datasets import load_digits as sk_load
 
     d = sk_load()
@@ -75,6 +77,8 @@ def _find(raw_dir, stem):
 
 
 def load_mnist(raw_dir: str):
+    """((x, y) train, (x, y) test) from the four idx files (MNIST or Fashion-MNIST) in raw_dir:
+    (N, 1, 28, 28) uint8 images, int64 labels."""
     out = []
     for split in ("train", "test"):
         xi, yi = (read_idx(_find(raw_dir, s)) for s in MNIST_FILES[split])
@@ -110,7 +114,7 @@ def _cifar_members(path: str, spec: dict):
                 out[n] = fh.read()
         return out
     try:
-        tf = tarfile.open(path, "r:*")
+        tf = tarfile.open(path, "r:*")  # noqa: SIM115 - closed by `with tf:` below; the try covers the open alone
     except (OSError, tarfile.TarError) as exc:
         raise ConvertError(f"'{path}' is not a readable {spec['archive']} ({exc}); download it again") from None
     out = {}
@@ -129,6 +133,8 @@ def _cifar_members(path: str, spec: dict):
 
 
 def load_cifar(kind: str, path: str):
+    """((x, y) train, (x, y) test) of CIFAR-10/100 from the python tarball or its extracted folder:
+    (N, 3, 32, 32) uint8 images, int64 labels (CIFAR-100: the fine labels)."""
     spec = CIFAR[kind]
     members = _cifar_members(path, spec)
     out = []

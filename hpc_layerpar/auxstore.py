@@ -44,6 +44,7 @@ class AuxStore:
 
     @property
     def nbytes(self) -> int:
+        """Bytes the table occupies, multipliers included."""
         one = self.a.numel() * self.a.element_size()
         return one * (2 if self.m is not None else 1)
 
@@ -52,10 +53,12 @@ class AuxStore:
         return idx if self.row_of is None else self.row_of[idx]
 
     def gather(self, idx, which="a") -> torch.Tensor:
+        """Rows of the sample ids idx of `a` (which="m": the multipliers), as float32 on the compute device."""
         t = self.a if which == "a" else self.m
         return t[self._idx(idx)].to(self.device, torch.float32, non_blocking=True)
 
     def scatter(self, idx, values, which="a") -> None:
+        """Write values into the rows of the sample ids idx of `a` (or `m`), in the store's dtype and location."""
         t = self.a if which == "a" else self.m
         t[self._idx(idx)] = values.to(self.home, self.dtype)
 
@@ -64,5 +67,6 @@ class AuxStore:
         self.a[lo:hi] = values.to(self.home, self.dtype)
 
     def reset_multipliers(self) -> None:
+        """Zero the AL multipliers; nothing to do for a store without them."""
         if self.m is not None:
             self.m.zero_()

@@ -28,10 +28,12 @@ class Channel:
 
     @property
     def receives(self) -> bool:
+        """Whether this channel has a neighbour to receive from (False at the chain's end)."""
         return self.recv_from is not None
 
     @property
     def sends(self) -> bool:
+        """Whether this channel has a neighbour to send to (False at the chain's end)."""
         return self.send_to is not None
 
     def post(self, j: int, n: int) -> None:

@@ -42,12 +42,14 @@ class CheckpointMeta:
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":
+        """Parse meta.json, dropping keys this version does not know, so newer checkpoints still load."""
         d = json.loads(text)
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def default_dir(out_dir: str, name: str) -> str:
+    """`<out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt`: the checkpoint folder used when run.checkpoint_dir is empty."""
     job = os.environ.get("SLURM_JOB_ID")
     return os.path.join(out_dir, f"{name}" + (f"-j{job}" if job else "") + ".ckpt")
 
@@ -111,6 +113,7 @@ def load_meta(path: str) -> CheckpointMeta:
 
 
 def load_model(path: str, model, optimizer) -> None:
+    """Restore the whole network, the SGD momentum buffers and the torch CPU RNG state from path/model.pt."""
     state = torch.load(os.path.join(path, "model.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     for p, buf in zip(model.parameters(), state["momentum"]):
@@ -119,6 +122,8 @@ def load_model(path: str, model, optimizer) -> None:
 
 
 def load_aux(path: str, rank: int, store) -> bool:
+    """Load this rank's auxiliary variables (and AL multipliers; zero if the file has none) into store.
+    False, store untouched, without a store or file or when the table shape differs: the caller rebuilds."""
     f = os.path.join(path, f"aux-rank{rank}.pt")
     if store is None or not os.path.exists(f):
         return False

@@ -24,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the train, presets, report and summary subcommands (usage errors on rank 0 only)."""
     p = _Parser(prog="hpc_layerpar", description="Layer-parallel training of residual networks (MPI).")
     p.add_argument("--version", action="version", version=f"hpc_layerpar {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -44,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def summarize(paths) -> str:
+    """A text table, one row per metrics file: ranks, epochs, final and best test accuracy, wall time,
+    seconds per epoch, MB sent per epoch and rank, status."""
     import numpy as np
 
     from .metrics import read_metrics
@@ -73,6 +76,8 @@ def _fail(msg: str) -> int:
 
 
 def main(argv=None) -> int:
+    """Run the command line and return the exit code: 0, 2 (usage, config or data error), 3 (diverged) or
+    75 (stopped at a checkpoint); any other failure aborts the whole MPI job."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:  # its own parser: results/report.py
         from results.report import main as report_main

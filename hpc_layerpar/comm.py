@@ -18,12 +18,14 @@ class Counters:
         self.reset()
 
     def reset(self):
+        """Zero the byte and time counters."""
         self.bytes_sent = 0
         self.bytes_recv = 0
         self.comm_seconds = 0.0   # all time inside MPI calls (posting, waiting, collectives)
         self.wait_seconds = 0.0   # the part spent blocked on point-to-point messages
 
     def as_tuple(self):
+        """(comm_seconds, wait_seconds, bytes_sent, bytes_recv), all as floats."""
         return (self.comm_seconds, self.wait_seconds, float(self.bytes_sent), float(self.bytes_recv))
 
 
@@ -41,6 +43,7 @@ class Pending:
         self.done = False
 
     def wait(self):
+        """Block until the message has completed; the time blocked counts as wait and as comm time."""
         if self.done:
             return
         t0 = time.perf_counter()
@@ -51,6 +54,7 @@ class Pending:
         self._finish()
 
     def test(self) -> bool:
+        """Complete the message if it has arrived, without blocking; return whether it is done."""
         if not self.done and self.req.Test():
             self._finish()
         return self.done
@@ -85,10 +89,12 @@ class Comm:
 
     @classmethod
     def world(cls, **kw) -> "Comm":
+        """A Comm on a duplicate of MPI.COMM_WORLD."""
         return cls(MPI.COMM_WORLD, **kw)
 
     @classmethod
     def self_(cls, **kw) -> "Comm":
+        """A one-rank Comm on a duplicate of MPI.COMM_SELF."""
         return cls(MPI.COMM_SELF, **kw)
 
     # ---- buffers -------------------------------------------------------------------------
@@ -170,11 +176,13 @@ class Comm:
         return t
 
     def allreduce_array(self, values, op="sum") -> np.ndarray:
+        """Element-wise sum (or max, min) over the ranks of values, as a float64 array; not counted in the counters."""
         arr = np.ascontiguousarray(np.asarray(values, dtype=np.float64)).copy()
         self.mpi.Allreduce(MPI.IN_PLACE, arr, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
         return arr
 
     def bcast_(self, t: torch.Tensor, root: int, key="bcast") -> torch.Tensor:
+        """Broadcast the contiguous tensor t from root in place; its bytes count as sent on root, received elsewhere."""
         assert t.is_contiguous()
         t0 = time.perf_counter()
         arr, staged = self._host(t, key)
@@ -191,18 +199,23 @@ class Comm:
         return t
 
     def bcast_obj(self, obj, root: int = 0):
+        """root's picklable obj, returned on every rank."""
         return self.mpi.bcast(obj, root=root)
 
     def allgather_obj(self, obj) -> list:
+        """Every rank's picklable obj, in rank order, on every rank."""
         return self.mpi.allgather(obj)
 
     def gather_obj(self, obj, root: int = 0):
+        """Every rank's picklable obj in rank order on root; None on the other ranks."""
         return self.mpi.gather(obj, root=root)
 
     def barrier(self):
+        """Block until every rank of the communicator has reached the barrier."""
         self.mpi.Barrier()
 
     def free(self):
+        """Free the duplicated MPI communicator; a second call does nothing."""
         if self.mpi != MPI.COMM_NULL:
             self.mpi.Free()
 
@@ -252,24 +265,29 @@ def detect_cuda_aware() -> bool:
 
 
 def world_rank() -> int:
+    """This process's rank in MPI.COMM_WORLD."""
     return MPI.COMM_WORLD.Get_rank()
 
 
 def world_size() -> int:
+    """The number of processes in MPI.COMM_WORLD."""
     return MPI.COMM_WORLD.Get_size()
 
 
 def mpi4py_version() -> str:
+    """The installed mpi4py version (recorded in the metrics file's provenance)."""
     import mpi4py
 
     return mpi4py.__version__
 
 
 def library_version() -> str:
+    """The MPI library's version string, without NUL bytes and surrounding whitespace."""
     return MPI.Get_library_version().replace("\x00", "").strip()
 
 
 def hostname() -> str:
+    """This machine's host name."""
     return socket.gethostname()
 
 

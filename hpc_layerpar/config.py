@@ -88,7 +88,8 @@ class RunConfig:
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     threads: int = 0            # torch threads per rank; 0: cores per node / ranks per node
     deterministic: bool = False  # bitwise-reproducible kernels on GPUs too (PyTorch deterministic algorithms)
-    cuda_aware: str = "auto"    # GPU tensors straight to MPI: auto (ask the MPI library) | on | off (stage via pinned host memory)
+    # GPU tensors straight to MPI: auto (ask the MPI library) | on | off (stage via pinned host memory)
+    cuda_aware: str = "auto"
     progress: str = "auto"      # auto: a live bar on a terminal, lines otherwise | lines | off
     checkpoint_every: int = 0   # epochs between checkpoints (0: only on SIGUSR1/SIGTERM)
     checkpoint_dir: str = ""    # empty: <out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
@@ -107,6 +108,7 @@ class DebugConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """The whole run configuration: one frozen dataclass per section of the YAML file and of --set."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -116,9 +118,11 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
+        """The configuration as nested plain dicts and lists."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The configuration as JSON with sorted keys: hashed to check all ranks agree, stored in the metrics file."""
         return json.dumps(self.to_dict(), sort_keys=True)
 
 

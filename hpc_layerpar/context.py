@@ -48,14 +48,17 @@ class RunContext:
 
     @property
     def start_epoch(self) -> int:
+        """The first global epoch this launch trains: 0, or the one after the resumed checkpoint's."""
         return 0 if self.meta is None else self.meta.epoch + 1
 
     @property
     def pipe(self):
+        """The communicator of this rank's pipeline (its replica's K stages); the whole comm without a topology."""
         return self.topo.pipe if self.topo is not None else self.comm
 
     @property
     def methods(self) -> set:
+        """The set of methods the phase schedule uses."""
         return {p.method for p in self.phases}
 
     def lr(self, t: float) -> float:
@@ -75,6 +78,7 @@ class RunContext:
         return math.nan if k == len(self.caps) - 1 else min(scheduled, self.caps[k][1])
 
     def free(self) -> None:
+        """Release the topology's split communicators, if there is a topology."""
         if self.topo is not None:
             self.topo.free()
 

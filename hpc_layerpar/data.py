@@ -46,6 +46,7 @@ def calibration_order(n: int, seed: int) -> torch.Tensor:
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool) -> list[torch.Tensor]:
+    """The epoch's batches of sample ids in epoch_permutation order; drop_last drops a final short batch."""
     perm = epoch_permutation(n, seed, epoch)
     stop = (n // batch_size) * batch_size if drop_last else n
     return [perm[i:i + batch_size] for i in range(0, stop, batch_size)]
@@ -98,24 +99,30 @@ class DeviceDataset:
 
     @property
     def shape(self) -> tuple:
+        """Per-sample image shape (C, H, W)."""
         return tuple(self.train_x.shape[1:])
 
     @property
     def n_train(self) -> int:
+        """Number of training samples (after data.subset)."""
         return len(self.train_y)
 
     @property
     def n_test(self) -> int:
+        """Number of test samples."""
         return len(self.test_y)
 
     def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        """uint8 images as float32, normalised by the training set's per-channel mean and std."""
         return (x_uint8.float() - self.mean) / self.std
 
     def train_batch(self, idx: torch.Tensor):
+        """(normalised images, labels) of the training samples idx, on the device."""
         idx = idx.to(self.device)
         return self.normalise(self.train_x[idx]), self.train_y[idx]
 
     def test_batch(self, lo: int, hi: int):
+        """(normalised images, labels) of the test samples lo:hi."""
         return self.normalise(self.test_x[lo:hi]), self.test_y[lo:hi]
 
 
@@ -130,6 +137,7 @@ class Augment:
         self.pad, self.flip, self.seed = pad, flip, seed
 
     def draws(self, epoch: int, step: int, n: int):
+        """(crop offsets (n, 2), flips (n,)) for `step` of `epoch`, drawn on the CPU from (seed, epoch, step)."""
         g = _cpu_generator(self.seed, epoch, STREAM_AUGMENT, step)
         offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
         flips = torch.rand(n, generator=g) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
@@ -156,6 +164,8 @@ class Augment:
 
 
 def make_augment(dcfg, dataset: DeviceDataset, seed: int) -> Augment | None:
+    """The configured augmentation, or None when data.augment is off. crop_pad < 0 pads by H // 8;
+    flip=auto flips only datasets marked hflip."""
     if not dcfg.augment:
         return None
     pad = dataset.shape[1] // 8 if dcfg.crop_pad < 0 else dcfg.crop_pad

@@ -8,19 +8,23 @@ FACTORS = (1, 2, 4)
 
 
 class DSFilter:
+    """The DS filter pair for factor s (1, 2 or 4): down() is s x s average pooling, up() nearest upsampling."""
     def __init__(self, s: int):
         if s not in FACTORS:
             raise ValueError(f"DS factor must be one of {FACTORS}, got {s}")
         self.s = s
 
     def coarse_shape(self, shape: tuple) -> tuple:
+        """(C, H // s, W // s): the per-sample shape of a boundary's message after down()."""
         c, h, w = shape
         return (c, h // self.s, w // self.s)
 
     def down(self, x: torch.Tensor) -> torch.Tensor:
+        """x average-pooled over s x s windows with stride s; x itself for s = 1."""
         return x if self.s == 1 else F.avg_pool2d(x, self.s, stride=self.s)
 
     def up(self, a: torch.Tensor) -> torch.Tensor:
+        """a upsampled by repeating each pixel into an s x s block; a itself for s = 1."""
         if self.s == 1:
             return a
         return a.repeat_interleave(self.s, dim=2).repeat_interleave(self.s, dim=3)

@@ -47,7 +47,7 @@ COLUMNS = {
 
 
 class MetricsError(ValueError):
-    pass
+    """A file is missing, not a readable metrics file, of another schema version, or lacks its epochs group."""
 
 
 def _attr(v):
@@ -60,6 +60,8 @@ def _attr(v):
 
 
 def git_info() -> tuple[str, bool | None]:
+    """(HEAD commit of the package's git checkout, whether tracked files differ from it);
+    ("unknown", None) outside a checkout or without git."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -72,6 +74,8 @@ def git_info() -> tuple[str, bool | None]:
 
 
 def provenance(extra: dict) -> dict:
+    """Software versions, git commit and state, and start time (UTC), updated with `extra`: the run's
+    provenance attributes."""
     import torch
 
     from .comm import mpi4py_version
@@ -89,6 +93,7 @@ def provenance(extra: dict) -> dict:
 
 
 def unique_path(out_dir: str, name: str) -> str:
+    """A metrics path `<out_dir>/<name>-<local time>[-j<SLURM_JOB_ID>].h5` not yet taken (else a -N suffix)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     job = os.environ.get("SLURM_JOB_ID")
     base = os.path.join(out_dir, f"{name}-{stamp}" + (f"-j{job}" if job else ""))
@@ -160,18 +165,20 @@ class MetricsWriter:
             f.attrs["resumes"] = json.dumps(log)
 
     def append(self, row: dict) -> None:
+        """Append one epoch row; KeyError if a column of COLUMNS is missing."""
         missing = set(COLUMNS) - set(row)
         if missing:
             raise KeyError(f"metrics row lacks {sorted(missing)}")
         with _atomic_update(self.path) as f:
             g = f["epochs"]
-            for name, (dtype, per_rank, _) in COLUMNS.items():
+            for name, (_dtype, per_rank, _) in COLUMNS.items():
                 d = g[name]
                 n = d.shape[0]
                 d.resize(n + 1, axis=0)
                 d[n] = np.asarray(row[name], dtype=np.float64) if per_rank else row[name]
 
     def set_attrs(self, **attrs) -> None:
+        """Set file attributes, lists and dicts stored as JSON and numpy scalars as Python values."""
         with _atomic_update(self.path) as f:
             for k, v in attrs.items():
                 f.attrs[k] = _attr(v)

@@ -13,11 +13,13 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class Stem(nn.Module):
+    """The network's first element: a 3x3 convolution to the base width (the first block pre-activates it)."""
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
 
     def forward(self, x):
+        """The 3x3 convolution of x."""
         return self.conv(x)
 
 
@@ -34,6 +36,7 @@ class PreActBlock(nn.Module):
                          if stride != 1 or cin != cout else None)
 
     def forward(self, x):
+        """x + f(x); where the shape changes, the shortcut is the 1x1 projection of relu(bn1(x))."""
         o = F.relu(self.bn1(x))
         # Pre-activation ResNets feed the projection from the activated input (He et al. 2016).
         sc = x if self.shortcut is None else self.shortcut(o)
@@ -43,12 +46,14 @@ class PreActBlock(nn.Module):
 
 
 class Head(nn.Module):
+    """The last element: norm and ReLU, global average pooling, then a linear classifier."""
     def __init__(self, channels: int, classes: int, norm: str):
         super().__init__()
         self.bn = _norm(norm, channels)
         self.fc = nn.Linear(channels, classes)
 
     def forward(self, x):
+        """Class logits (B, classes) of the feature maps x."""
         x = F.relu(self.bn(x))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
@@ -71,11 +76,13 @@ class LayerSequence(nn.Module):
         return len(self.elements)
 
     def forward(self, x, start: int = 0, end: int | None = None):
+        """Apply elements start..end-1 to x (the whole network by default): a stage's part of the network."""
         for el in self.elements[start:end]:
             x = el(x)
         return x
 
     def element_params(self, i: int):
+        """The parameters of element i, as a list."""
         return list(self.elements[i].parameters())
 
 
@@ -104,7 +111,8 @@ def build_model(arch: str, depth: int, width: int = 1, *, in_channels: int, imag
     elements, shapes, costs = [], [], []
     h = image_size
     stem = Stem(in_channels, base_width)
-    elements.append(stem); shapes.append((in_channels, h, h))
+    elements.append(stem)
+    shapes.append((in_channels, h, h))
     costs.append(_conv_macs(in_channels, base_width, 3, h, h))
     cin = base_width
     for g, cout in enumerate(widths):
@@ -116,10 +124,12 @@ def build_model(arch: str, depth: int, width: int = 1, *, in_channels: int, imag
             c = _conv_macs(cin, cout, 3, h, h) + _conv_macs(cout, cout, 3, h, h)
             if blk.shortcut is not None:
                 c += _conv_macs(cin, cout, 1, h, h)
-            elements.append(blk); costs.append(c + 4 * cout * h * h)  # + BN/ReLU/add
+            elements.append(blk)
+            costs.append(c + 4 * cout * h * h)  # + BN/ReLU/add
             cin = cout
     shapes.append((cin, h, h))
-    elements.append(Head(cin, num_classes, norm)); costs.append(cin * num_classes + 3 * cin * h * h)
+    elements.append(Head(cin, num_classes, norm))
+    costs.append(cin * num_classes + 3 * cin * h * h)
     shapes.append((num_classes,))
     model = LayerSequence(elements, shapes, costs, name)
     _init(model)
@@ -156,4 +166,5 @@ def smallest_map(model) -> int:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter entries of model."""
     return sum(p.numel() for p in model.parameters())

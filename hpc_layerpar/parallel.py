@@ -68,7 +68,7 @@ class ParallelEngine:
     def open_channels(self) -> None:
         """The stage's two channels, W slots each, allocated once per phase (null at the ends):
         activations D(u) forward, targets (a_k, or a_k - m_k/beta for AL) backward."""
-        mk = dict(rows=self.sub_batch, dtype=self.msg_dtype, device=self.device, slots=self.window)
+        mk = {"rows": self.sub_batch, "dtype": self.msg_dtype, "device": self.device, "slots": self.window}
         coarse_in = self.filter.coarse_shape(self.in_shape)
         coarse_out = None if self.last else self.filter.coarse_shape(self.out_shape)
         prev, nxt = (None if self.first else self.prev), (None if self.last else self.next)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class PartitionError(ValueError):
-    pass
+    """The elements cannot be split into the requested stages (too few elements or a negative cost)."""
 
 
 def _fits(costs, k, bound) -> bool:
@@ -57,4 +57,5 @@ def balanced_partition(costs, k: int) -> list[tuple[int, int]]:
 
 
 def stage_costs(costs, ranges) -> list[int]:
+    """The summed cost of each stage's range [a, b) of costs."""
     return [sum(costs[a:b]) for a, b in ranges]

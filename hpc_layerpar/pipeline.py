@@ -94,7 +94,7 @@ class PipelineEngine:
                                   location=pcfg.aux_location, multipliers=False, ids=shard)
         self.probe = None  # filled for the epoch's last global batch: see diagnostics.py
         # One channel per direction, allocated once per phase; null sides at the chain's ends.
-        mk = dict(rows=self.micro, dtype=self.msg_dtype, device=self.device, slots=AHEAD + 2)
+        mk = {"rows": self.micro, "dtype": self.msg_dtype, "device": self.device, "slots": AHEAD + 2}
         self.activations = Channel(comm, "activations", recv_from=None if self.first else self.prev,
                                    send_to=None if self.last else self.next, recv_shape=self.in_shape,
                                    send_shape=self.out_shape or (), **mk)
@@ -104,6 +104,8 @@ class PipelineEngine:
 
     # ---- helpers -------------------------------------------------------------------------
     def micro_batches(self, epoch: int) -> list:
+        """The epoch's micro-batches of sample ids, M per step of this replica's (sub-)batches, in order;
+        empty ones are dropped."""
         if self.shard is None:
             big = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
         else:

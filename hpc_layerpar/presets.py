@@ -17,8 +17,8 @@ _DATASETS = {
 }
 _MODELS = {"resnet": {"arch": "resnet", "depth": 20}, "resnet56": {"arch": "resnet", "depth": 56},
            "wrn28-10": {"arch": "wrn", "depth": 28, "width": 10}}
-_PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("fashion", "resnet"), ("cifar10", "resnet56"), ("cifar10", "wrn28-10"),
-          ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
+_PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("fashion", "resnet"), ("cifar10", "resnet56"),
+          ("cifar10", "wrn28-10"), ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
 # SPH: the parallel phase first, then the serial correction (80% of the epochs parallel), as the
 # paper describes the hybrid. No per-dataset penalty weight: the per-element beta and the curvature
 # guard carry over between datasets and models.

@@ -13,12 +13,14 @@ class Progress:
         self.bar = self.enabled and mode == "auto" and sys.stdout.isatty()
 
     def log(self, text: str):
+        """Print a line (clearing the live bar first) unless progress output is off."""
         if self.enabled:
             if self.bar:
                 sys.stdout.write("\r\x1b[K")
             print(text, flush=True)
 
     def step(self, epoch, total_epochs_, step, steps, loss):
+        """Redraw the live bar with the step count and loss; does nothing when there is no bar."""
         if self.bar:
             width = 30
             fill = int(width * step / steps)
@@ -40,6 +42,8 @@ def _per(values, skip_first=False, skip_last=False) -> str:
 
 
 def epoch_line(row: dict, n_epochs: int) -> str:
+    """The one-line report of an epoch: phase, lr, train and test figures, per-boundary diagnostics of
+    parallel epochs, and the time split."""
     acc = "" if math.isnan(row["test_acc"]) else \
         f" test_loss {_num(row['test_loss'], '.4f')} test_acc {100 * row['test_acc']:6.2f}%"
     par = ""

@@ -24,6 +24,7 @@ from .partition import balanced_partition, stage_costs
 
 @dataclass(frozen=True)
 class Network:
+    """A network for the model: per-message latency, per-direction bandwidth, local memory bandwidth."""
     name: str
     latency_s: float        # per message
     bandwidth: float        # bytes / s, per direction
@@ -83,6 +84,7 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
 
 
 def dataparallel_step(m: Model, k: int, net: Network) -> float:
+    """Seconds per data-parallel step at k ranks: T_1 / k plus a ring allreduce of float32 gradients (T_1 at k = 1)."""
     t1 = sum(m.element_seconds)
     if k == 1:
         return t1
@@ -92,10 +94,12 @@ def dataparallel_step(m: Model, k: int, net: Network) -> float:
 
 
 def rho_parallel(m: Model, k: int, net: Network, **kw) -> float:
+    """Speed-up of the parallel phase at k ranks over one-rank back-propagation (kw: as parallel_step)."""
     return sum(m.element_seconds) / parallel_step(m, k, net, **kw)[0]
 
 
 def rho_dataparallel(m: Model, k: int, net: Network) -> float:
+    """Speed-up of data-parallel training at k ranks over one-rank back-propagation."""
     return sum(m.element_seconds) / dataparallel_step(m, k, net)
 
 

@@ -14,6 +14,7 @@ PARALLEL = ("penalty", "al")
 
 @dataclass(frozen=True)
 class Phase:
+    """One entry of train.phases: a method (serial, penalty, al or skip) for a number of epochs."""
     method: str
     epochs: int
 
@@ -68,6 +69,7 @@ def parallel_epochs_before(phases: list[Phase], epoch: int) -> int:
 
 
 def total_epochs(phases: list[Phase]) -> int:
+    """Number of epochs in the whole schedule."""
     return sum(p.epochs for p in phases)
 
 

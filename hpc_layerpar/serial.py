@@ -26,6 +26,7 @@ class SerialEngine:
         self.bucket = GradBucket(model.parameters(), self.device)
 
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: full batches only with drop_last, else a final partial batch too."""
         n = self.data.n_train
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -95,6 +96,7 @@ class SerialEngine:
 
 
 def make_optimizer(model, ocfg) -> torch.optim.SGD:
+    """SGD as `optim` configures it, with zero momentum buffers created up front for every parameter."""
     opt = torch.optim.SGD(model.parameters(), lr=ocfg.lr, momentum=ocfg.momentum,
                           nesterov=ocfg.nesterov, weight_decay=ocfg.weight_decay)
     # Zero momentum buffers behave exactly like absent ones (buf = 0.9 * 0 + g on the first step),

@@ -97,6 +97,7 @@ class ThreadComm:
 
     # ---- point to point ------------------------------------------------------------------
     def isend(self, t: torch.Tensor, dest: int, tag: int, key=None):
+        """Hand a copy of t to the matching posted receive, or queue it; done at once (buffered). Counts the bytes."""
         if dest == PROC_NULL:
             return _Done()
         payload = t.detach().clone()
@@ -111,6 +112,7 @@ class ThreadComm:
         return _Done()
 
     def irecv(self, t: torch.Tensor, source: int, tag: int, key=None):
+        """Post a receive into t from `source` with `tag`, matched in posting order; return the request to wait on."""
         if source == PROC_NULL:
             return _Done()
         self.counters.bytes_recv += t.numel() * t.element_size()
@@ -124,6 +126,7 @@ class ThreadComm:
         return req
 
     def neighbours(self) -> tuple[int, int]:
+        """(previous, next) rank of the chain; PROC_NULL at its ends."""
         prev = self.rank - 1 if self.rank > 0 else PROC_NULL
         nxt = self.rank + 1 if self.rank < self.size - 1 else PROC_NULL
         return prev, nxt
@@ -154,6 +157,7 @@ class ThreadComm:
             self.counters.bytes_recv += vol
 
     def allreduce_(self, t: torch.Tensor, key="allreduce") -> torch.Tensor:
+        """In-place sum of t over the virtual ranks; counts ring-allreduce bytes, as comm.Comm does."""
         t0 = time.perf_counter()
         parts = self._exchange(t.detach().clone())
         total = parts[0].clone()
@@ -165,11 +169,13 @@ class ThreadComm:
         return t
 
     def allreduce_array(self, values, op="sum") -> np.ndarray:
+        """Element-wise sum (or max, min) over the virtual ranks of values, as a float64 array."""
         parts = self._exchange(np.asarray(values, dtype=np.float64).copy())
         fn = {"sum": np.sum, "max": np.max, "min": np.min}[op]
         return fn(np.stack(parts), axis=0)
 
     def bcast_(self, t: torch.Tensor, root: int, key="bcast") -> torch.Tensor:
+        """Copy root's t into every virtual rank's t; bytes count as sent on root, received elsewhere."""
         t0 = time.perf_counter()
         parts = self._exchange(t.detach().clone() if self.rank == root else None)
         if self.rank != root:
@@ -184,19 +190,25 @@ class ThreadComm:
         return t
 
     def bcast_obj(self, obj, root: int = 0):
+        """root's obj, returned on every virtual rank."""
         return self._exchange(obj if self.rank == root else None)[root]
 
     def allgather_obj(self, obj) -> list:
+        """Every virtual rank's obj, in rank order."""
         return self._exchange(obj)
 
     def gather_obj(self, obj, root: int = 0):
+        """Every virtual rank's obj in rank order on root; None on the other ranks."""
         out = self._exchange(obj)
         return out if self.rank == root else None
 
     def barrier(self):
+        """Block until every virtual rank of the communicator has reached the barrier."""
         self._exchange(None)
 
     def split(self, color: int, key: int) -> "ThreadComm":
+        """The sub-communicator of the ranks with this color, ranked by key (as MPI_Comm_split); it shares
+        this rank's counters."""
         seq = self._seq
         pairs = self._exchange((color, key))
         members = sorted((k, r) for r, (c, k) in enumerate(pairs) if c == color)
@@ -208,7 +220,7 @@ class ThreadComm:
         return child
 
     def free(self):
-        pass
+        """Nothing to release; kept for the comm.Comm interface."""
 
 
 def run_simulated(n: int, fn, poll_s: float = POLL_S):

@@ -36,28 +36,35 @@ class EpochSums:
         self.n = self.n_ce = self.n_res = 0
 
     def add_local(self, loss, n: int, step: int) -> None:
+        """Add a step's local loss (mean over n samples); a non-finite loss records `step` as the first bad one."""
         self.acc[self.LOCAL] += loss * n
         self.n += n
         # where() keeps the check on the device: no host sync per step
         self.bad = torch.where(torch.isfinite(loss), self.bad, torch.clamp(self.bad, max=step))
 
     def add_ce(self, loss, correct, n: int) -> None:
+        """Add a step's cross-entropy (mean over n samples) and its number of correct predictions."""
         self.acc[self.CE] += loss * n
         self.acc[self.CORRECT] += correct
         self.n_ce += n
 
     def add_residual(self, norm_sum, n: int) -> None:
+        """Add the sum of n per-sample residual norms."""
         self.acc[self.RES] += norm_sum
         self.n_res += n
 
     def add_mult(self, norm_sum) -> None:
+        """Add the sum of per-sample multiplier norms (averaged over the residual's sample count)."""
         self.acc[self.MULT] += norm_sum
 
     def add_nonfinite(self, values) -> None:
+        """Count the non-finite entries of values."""
         self.acc[self.BAD] += (~torch.isfinite(values)).sum()
 
     def stats(self, *, first: bool, last: bool, al: bool, steps: int, compute_seconds: float,
               residual_here: bool | None = None) -> PhaseStats:
+        """The epoch's PhaseStats from the sums, read to the host once; NaN where a figure does not apply
+        (train loss and accuracy only on the last stage)."""
         s = self.acc.tolist()  # the one host read of the epoch
         bad = int(self.bad)
         nan = math.nan

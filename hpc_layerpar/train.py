@@ -37,6 +37,8 @@ EXIT_CHECKPOINTED = 75
 
 @dataclass
 class Summary:
+    """What run() returns: metrics file, final and best test accuracy, wall time, epochs, and where a
+    stop signal ended the run."""
     metrics_path: str
     final_test_acc: float
     best_test_acc: float
@@ -59,6 +61,7 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        """Whether SIGUSR1 or SIGTERM has arrived since the handlers were installed."""
         return StopRequest._signalled
 
     def __enter__(self):
@@ -91,8 +94,8 @@ def _remedy(cfg: Config, phase: str) -> str:
 def make_parallel_engine(ctx: RunContext, method: str):
     """The engine of a parallel phase for the configured coupling (ALGORITHM.md s.4 / s.4b)."""
     cfg = ctx.cfg
-    kw = dict(method=method, batch_size=cfg.data.batch_size, drop_last=cfg.data.drop_last,
-              seed=cfg.train.seed, replica_comm=ctx.topo.reps, shard=ctx.shard)
+    kw = {"method": method, "batch_size": cfg.data.batch_size, "drop_last": cfg.data.drop_last,
+          "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard}
     if cfg.parallel.coupling == "pipeline":
         return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
                               augment=ctx.augment, **kw)
@@ -200,12 +203,12 @@ def _enter(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
     reuse = step.enter == "resume" and ctx.same_split
     if reuse and eng.store is not None:
         reuse = C.load_aux(ctx.src, ctx.comm.rank, eng.store)
-    if ctx.cfg.parallel.coupling == "epoch":
-        # a collective decision: the sweep is collective
-        if not all(ctx.comm.allgather_obj(reuse)) and step.enter in ("phase", "resume") \
-                or step.enter == "refresh":
-            forward_sweep(ctx.model, ctx.ranges, ctx.pipe, ctx.data, eng.store, eng.filter,
-                          ctx.cfg.data.batch_size // ctx.cfg.parallel.replicas, ids=ctx.shard)
+    # a collective decision: the sweep is collective
+    if ctx.cfg.parallel.coupling == "epoch" and (
+            (not all(ctx.comm.allgather_obj(reuse)) and step.enter in ("phase", "resume"))
+            or step.enter == "refresh"):
+        forward_sweep(ctx.model, ctx.ranges, ctx.pipe, ctx.data, eng.store, eng.filter,
+                      ctx.cfg.data.batch_size // ctx.cfg.parallel.replicas, ids=ctx.shard)
 
 
 def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) -> tuple:

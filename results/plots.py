@@ -21,6 +21,8 @@ def _label(key) -> str:
 
 
 def curves(runs, path: str) -> None:
+    """Test accuracy and training loss by epoch, mean over each group's seeds, with the serial epochs of SPH
+    schedules shaded; written as a PNG to path."""
     groups = group(runs)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     shaded = False
@@ -86,6 +88,8 @@ def time_split(runs, path: str) -> None:
 
 
 def traffic(runs, path: str) -> None:
+    """MB sent per epoch by all ranks, one bar per multi-rank group (parallel epochs for layer-parallel
+    runs); no file when there is no multi-rank run."""
     groups = group(runs)
     items = []
     for key, rs in sorted(groups.items(), key=lambda kv: _label(kv[0])):

@@ -41,6 +41,8 @@ def model_curve(runs, ks=(1, 2, 4, 8, 16)):
 
 
 def main(argv=None) -> int:
+    """`hpc_layerpar report`: summary tables and plots of the metrics files (folders: every *.h5 inside)
+    in --out; exit 2 when there is none or one is not a metrics file."""
     ap = argparse.ArgumentParser(prog="hpc_layerpar report", description=__doc__)
     ap.add_argument("files", nargs="+", metavar="RUN.h5", help="metrics files (folders: every *.h5 inside)")
     ap.add_argument("--out", default="report", help="output folder (default: report/)")
@@ -67,7 +69,8 @@ def main(argv=None) -> int:
     plots.traffic(runs, os.path.join(a.out, "traffic.png"))
     plots.rho_vs_k(runs, os.path.join(a.out, "rho_vs_k.png"), table, model_curve(runs))
     plots.health(runs, os.path.join(a.out, "health.png"))
-    print(open(os.path.join(a.out, "summary.md")).read())
+    with open(os.path.join(a.out, "summary.md")) as fh:
+        print(fh.read())
     print(f"wrote {a.out}/summary.md, summary.csv, " + ", ".join(
         sorted(f for f in os.listdir(a.out) if f.endswith(".png"))))
     return 0

@@ -14,6 +14,8 @@ PARALLEL = ("penalty", "al")
 
 @dataclass
 class Run:
+    """One metrics file summarised: what ran (dataset, model, method, ranks, split, DS, messages, seed),
+    its status, columns and attributes."""
     path: str
     dataset: str
     model: str
@@ -31,6 +33,7 @@ class Run:
 
     @property
     def key(self):
+        """(dataset, model, method, stages, replicas, DS, message dtype): runs differing only in seed share it."""
         return (self.dataset, self.model, self.method, self.stages, self.replicas, self.ds, self.message_dtype)
 
     @property
@@ -58,6 +61,7 @@ class Run:
 
     @property
     def aux_bytes(self) -> float:
+        """Bytes of auxiliary storage summed over the ranks' entries (attribute aux_bytes); NaN if not recorded."""
         import json
         v = self.attrs.get("aux_bytes")
         return float(sum(json.loads(v))) if isinstance(v, str) else math.nan
@@ -72,6 +76,8 @@ class Run:
 
 
 def method_of(cfg: dict, world: int) -> str:
+    """The run's method label from its phase list and rank count: serial, data-parallel,
+    serial-only control, or the parallel method(s), prefixed SPH- when the schedule has serial epochs too."""
     methods = [p.split(":")[0] for p in cfg["train"]["phases"].strip("()").split(")")[0].split(",")]
     par = sorted({m for m in methods if m in PARALLEL})
     if not par:
@@ -82,6 +88,7 @@ def method_of(cfg: dict, world: int) -> str:
 
 
 def load(paths) -> list[Run]:
+    """One Run per metrics file (MetricsError for a foreign one); simulated runs get ' (simulated)'."""
     runs = []
     for p in paths:
         m = read_metrics(p)  # MetricsError for foreign files and other schema versions
@@ -104,6 +111,7 @@ def load(paths) -> list[Run]:
 
 
 def group(runs: list[Run]) -> dict:
+    """Runs grouped by Run.key, in the given order within a group."""
     out: dict = {}
     for r in runs:
         out.setdefault(r.key, []).append(r)

@@ -20,6 +20,8 @@ def baseline_epoch(groups: dict, dataset: str, model: str) -> float:
 
 
 def rows(runs, target: float) -> list[list]:
+    """One row per run group, columns as HEADER: mean accuracy over seeds, rho against the one-rank serial
+    run, time to target and traffic."""
     groups = group(runs)
     out = []
     for key in sorted(groups, key=lambda k: (k[0], k[1], k[2] != "serial", k[2], k[3] * k[4], k[5], k[6])):
@@ -49,6 +51,7 @@ def _fmt(v) -> str:
 
 
 def write(runs, md_path: str, csv_path: str, target: float) -> list[list]:
+    """Write the summary rows as CSV and as a Markdown table under a preamble explaining rho; return them."""
     table = rows(runs, target)
     with open(csv_path, "w", newline="") as fh:
         w = csv.writer(fh)

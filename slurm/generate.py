@@ -20,14 +20,15 @@ import yaml
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = {"digits": "resnet", "mnist": "resnet", "cifar10": "resnet56", "cifar100": "resnet56"}
 # srun --kill-on-bad-exit: a rank that dies takes the whole step down instead of leaving its peers waiting
-LAUNCHERS = {"srun": "srun --kill-on-bad-exit=1", "mpirun": "mpirun -n $SLURM_NTASKS", "mpiexec": "mpiexec -n $SLURM_NTASKS"}
+LAUNCHERS = {"srun": "srun --kill-on-bad-exit=1", "mpirun": "mpirun -n $SLURM_NTASKS",
+             "mpiexec": "mpiexec -n $SLURM_NTASKS"}
 SITE_KEYS = {"partition", "account", "nodes", "tasks_per_node", "cpus_per_task", "gpus_per_task", "time",
              "signal_lead_s", "checkpoint_every", "launcher", "launcher_args", "python", "workdir", "setup",
              "env"}
 
 
 class GenerateError(ValueError):
-    pass
+    """A bad site file or job request; the message says what to change."""
 
 
 def load_site(path: str) -> dict:
@@ -66,7 +67,9 @@ def render(site: dict, *, dataset: str, model: str, method: str, ranks: int, see
     workdir = os.path.abspath(site["workdir"]) if site["workdir"] == "." else site["workdir"]
     all_sets = [f"train.seed={seed}"] + list(sets)
     tpn = site["tasks_per_node"]
-    text = open(os.path.join(HERE, "job.sbatch.in")).read().format(
+    with open(os.path.join(HERE, "job.sbatch.in")) as fh:
+        template = fh.read()
+    text = template.format(
         job_name=name, nodes=site["nodes"], ntasks=ranks, cpus_per_task=site["cpus_per_task"],
         tasks_per_node_line=f"#SBATCH --ntasks-per-node={tpn}\n" if tpn else "",
         gpus_line=f"#SBATCH --gpus-per-task={site['gpus_per_task']}\n" if site["gpus_per_task"] else "",
@@ -77,7 +80,8 @@ def render(site: dict, *, dataset: str, model: str, method: str, ranks: int, see
         setup="\n".join(site["setup"]), workdir=shlex.quote(workdir),
         env="\n".join(f"export {k}={shlex.quote(str(v))}" for k, v in (site["env"] or {}).items()),
         launcher=(LAUNCHERS[site["launcher"]] + (" " + site["launcher_args"] if site["launcher_args"] else "")),
-        launcher_kind=site["launcher"], python=site["python"], preset=preset, out_dir="runs", checkpoint_every=site["checkpoint_every"],
+        launcher_kind=site["launcher"], python=site["python"], preset=preset, out_dir="runs",
+        checkpoint_every=site["checkpoint_every"],
         sets="".join(f" \\\n    --set {shlex.quote(s)}" for s in all_sets))
     return name, text
 

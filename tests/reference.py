@@ -191,14 +191,20 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                     if leaf is not None:
                         adj[r][k - 1][jb] = rnd(leaf.grad * nbt)
                 if (jb + 1) % micro == 0:
-                    for g in opts[k].param_groups:
-                        g["lr"] = lr
-                    if R > 1:
-                        for prm in models[k].parameters():
-                            if prm.grad is not None:
-                                prm.grad /= R
-                    opts[k].step()
-                    opts[k].zero_grad(set_to_none=True)
+                    _step_stage(opts[k], models[k], lr, R)
                     updates[k] += 1
         assert all(u == nb for u in updates)
     return models, M
+
+
+def _step_stage(opt, model, lr, replicas):
+    """One optimizer step of a stage at learning rate lr, its gradients (summed over the replicas'
+    sub-batches) first divided by the replica count to give their mean; clears the gradients."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    if replicas > 1:
+        for prm in model.parameters():
+            if prm.grad is not None:
+                prm.grad /= replicas
+    opt.step()
+    opt.zero_grad(set_to_none=True)

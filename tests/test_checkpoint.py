@@ -30,7 +30,8 @@ def args(data, out, name, *extra):
 
 
 def final_model(ckpt_dir):
-    latest = open(os.path.join(ckpt_dir, "latest")).read().strip()
+    with open(os.path.join(ckpt_dir, "latest")) as fh:
+        latest = fh.read().strip()
     return torch.load(os.path.join(ckpt_dir, latest, "model.pt"), weights_only=True)
 
 
@@ -94,7 +95,8 @@ def test_sigkilled_rank_leaves_readable_metrics_and_usable_checkpoint(reference,
     (path,) = out.glob("kill-*.h5")
     m = read_metrics(str(path))
     assert list(m["columns"]["epoch"]) == list(range(6)) and m["attrs"]["status"] == "running"
-    assert open(out / "kill.ckpt" / "latest").read().strip() == "epoch-000005"
+    with open(out / "kill.ckpt" / "latest") as fh:
+        assert fh.read().strip() == "epoch-000005"
     p = run_cli(args(data, out, "kill", "run.checkpoint_every=1") + ["--resume", "auto"], n=2)
     assert p.returncode == 0, p.stderr
     assert_same_run(ref_path, str(path), ref_ckpt, str(out / "kill.ckpt"))

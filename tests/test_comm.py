@@ -33,7 +33,8 @@ def test_ring_exchange_delivers_each_neighbours_tensor_and_counts_bytes(comm, dt
     r.wait()
     s.wait()
     first, last = comm.rank == 0, comm.rank == comm.size - 1
-    expect = torch.full((3, 4), -1).to(dtype) if first else (torch.arange(12) + 100 * (comm.rank - 1)).to(dtype).reshape(3, 4)
+    expect = torch.full((3, 4), -1).to(dtype) if first \
+        else (torch.arange(12) + 100 * (comm.rank - 1)).to(dtype).reshape(3, 4)
     nbytes = 12 * mine.element_size()
     ok = torch.equal(got, expect) and comm.counters.bytes_sent == (0 if last else nbytes) \
         and comm.counters.bytes_recv == (0 if first else nbytes)

@@ -25,7 +25,8 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(DataError, match="does not exist.*data_prep"):
         read_dataset(str(tmp_path / "none.h5"))
     p = make_dataset(tmp_path / "d.h5")
-    blob = open(p, "rb").read()
+    with open(p, "rb") as fh:
+        blob = fh.read()
     (tmp_path / "trunc.h5").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="truncated"):
         read_dataset(str(tmp_path / "trunc.h5"))

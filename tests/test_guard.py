@@ -98,7 +98,8 @@ def test_forced_divergence_stops_every_rank_with_one_message(data, tmp_path, how
     assert list(m["columns"]["epoch"]) == [0, 1, 2]
     assert math.isnan(m["columns"]["local_loss"][2, 1])
     ckpt = tmp_path / "nan.ckpt"
-    assert open(ckpt / "latest").read().strip() == "epoch-000001"
+    with open(ckpt / "latest") as fh:
+        assert fh.read().strip() == "epoch-000001"
     state = torch.load(ckpt / "epoch-000001" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert "epoch-000001" in msg[0], "the message names the last good checkpoint"

@@ -47,7 +47,8 @@ def test_schema_errors(tmp_path):
 
 
 def test_readme_documents_every_column():
-    text = open(os.path.join(ROOT, "README.md")).read()
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        text = fh.read()
     missing = [c for c in COLUMNS if f"`{c}`" not in text]
     assert not missing, f"README's metrics schema lacks {missing}"
 

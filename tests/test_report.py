@@ -33,7 +33,8 @@ def test_report_writes_tables_and_plots(runs):
     tmp, out = runs
     p = run_cli(["report", str(out), "--out", str(tmp / "rep"), "--target", "0.3"])
     assert p.returncode == 0, p.stderr
-    rows = list(csv.DictReader(open(tmp / "rep" / "summary.csv")))
+    with open(tmp / "rep" / "summary.csv") as fh:
+        rows = list(csv.DictReader(fh))
     methods = {(r["method"], r["DS"]) for r in rows}
     assert methods == {("serial", "1"), ("data-parallel", "1"), ("SPH-penalty", "1"), ("SPH-penalty", "2"),
                        ("SPH-al", "1"), ("SPH-penalty (simulated)", "1")}
@@ -50,8 +51,10 @@ def test_report_writes_tables_and_plots(runs):
     for png in ("curves.png", "time_split.png", "traffic.png", "rho_vs_k.png", "health.png"):
         f = tmp / "rep" / png
         assert f.exists() and f.stat().st_size > 10_000, png
-        assert open(f, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "| SPH-penalty |" in open(tmp / "rep" / "summary.md").read()
+        with open(f, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(tmp / "rep" / "summary.md") as fh:
+        assert "| SPH-penalty |" in fh.read()
 
 
 def test_report_rejects_foreign_files_and_other_schema_versions(runs, tmp_path):

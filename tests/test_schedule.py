@@ -24,7 +24,7 @@ def test_bad_phase_lists(bad):
 
 
 def test_lr_schedules():
-    kw = dict(base=0.1, total=10)
+    kw = {"base": 0.1, "total": 10}
     assert lr_at(0, schedule="constant", **kw) == 0.1
     assert math.isclose(lr_at(0, schedule="cosine", **kw), 0.1)
     assert math.isclose(lr_at(5, schedule="cosine", **kw), 0.05)
