@@ -22,9 +22,9 @@ from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.models import build_model  # noqa: E402
 from hpc_layerpar.parallel import ParallelEngine  # noqa: E402
 from hpc_layerpar.partition import balanced_partition  # noqa: E402
+from hpc_layerpar.runsetup import element_costs  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 from hpc_layerpar.sweep import forward_sweep  # noqa: E402
-from hpc_layerpar.train import element_costs  # noqa: E402
 
 
 def main():
