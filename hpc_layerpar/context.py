@@ -8,9 +8,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import torch
+
 from . import checkpoint as C
 from . import guard as G
-from .comm import Topology, detect_cuda_aware
+from .comm import Topology, detect_cuda_aware, library_version
 from .config import Config, micro_batches
 from .data import DeviceDataset, make_augment, replica_shard
 from .errors import ConfigError
@@ -106,6 +108,11 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
                               f"process, but this job has {comm.size} MPI ranks; launch it without mpiexec "
                               "(or with -n 1), or drop parallel.simulate.")
         set_deterministic(cfg.run.deterministic)
+        if cfg.run.cuda_aware == "on" and not detect_cuda_aware():
+            raise ConfigError(f"run.cuda_aware=on, but the MPI library ({library_version()}) reports no CUDA "
+                              "support (MPIX_Query_cuda_support): device buffers handed to it would crash or "
+                              "corrupt. Use run.cuda_aware=auto (stages GPU messages through pinned host "
+                              "memory), a CUDA-aware MPI build, or run.cuda_aware=force if you know better.")
         device = resolve_device(cfg.run.device, comm.local_rank)
         threads = set_threads(cfg.run.threads, comm.local_size)
         data = DeviceDataset(cfg.data.path, device, subset=cfg.data.subset)
@@ -113,6 +120,7 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
         c, h, _ = data.shape
         model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
                                   seed=cfg.train.seed).to(device)
+        model.compute_dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
         src = None
         if resume:
             src = C.latest(ckpt_dir) if resume == "auto" else resume
@@ -123,8 +131,10 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
 
     device, threads, data, model, src = agree(comm, setup)
     if device.type == "cuda":
-        comm.cuda_aware = {"on": True, "off": False}.get(cfg.run.cuda_aware) if cfg.run.cuda_aware != "auto" \
-            else all(comm.allgather_obj(detect_cuda_aware()))
+        if cfg.run.cuda_aware == "auto":
+            comm.cuda_aware = all(comm.allgather_obj(detect_cuda_aware()))
+        else:
+            comm.cuda_aware = cfg.run.cuda_aware in ("on", "force")
     opt = make_optimizer(model, cfg.optim)
     meta = None
     if src is not None:

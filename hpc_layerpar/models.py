@@ -71,15 +71,25 @@ class LayerSequence(nn.Module):
         self.shapes = [tuple(s) for s in shapes]
         self.costs = [int(c) for c in costs]
         self.name = name
+        self.compute_dtype = torch.float32  # run.precision: bf16 autocasts every forward
 
     def __len__(self):
         return len(self.elements)
 
     def forward(self, x, start: int = 0, end: int | None = None):
-        """Apply elements start..end-1 to x (the whole network by default): a stage's part of the network."""
-        for el in self.elements[start:end]:
-            x = el(x)
-        return x
+        """Apply elements start..end-1 to x (the whole network by default): a stage's part of the network.
+
+        With compute_dtype bfloat16 the elements run under autocast (weights stay float32, the
+        master copy the optimizer updates) and the result comes back as float32, so losses,
+        penalties, messages and auxiliary variables keep their precision (run.precision)."""
+        if self.compute_dtype == torch.float32:
+            for el in self.elements[start:end]:
+                x = el(x)
+            return x
+        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+            for el in self.elements[start:end]:
+                x = el(x)
+        return x.float()
 
     def element_params(self, i: int):
         """The parameters of element i, as a list."""

@@ -91,16 +91,19 @@ def test_presets_and_print_config():
 
 
 @pytest.mark.spawns
-def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path, precision):
     """`parallel.simulate=3` in one process and `mpiexec -n 3`: the same metrics, row by row (losses,
-    accuracies, residuals, health columns, bytes), with the simulated file marked as such."""
+    accuracies, residuals, health columns, bytes), with the simulated file marked as such; in
+    float32 and in bf16 compute (run.precision)."""
     import numpy as np
 
 
     data = make_dataset(tmp_path / "d.h5", n_train=96)
     base = ["train", "--preset", "digits-resnet-al", "--set", f"data.path={data}", "--set", "data.batch_size=16",
             "--set", "model.depth=8", "--set", "train.phases=al:2,serial:1", "--set", "parallel.partition=macs",
-            "--set", "run.threads=1", "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs"]
+            "--set", "run.threads=1", "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs",
+            "--set", f"run.precision={precision}"]
     mpi = run_cli(base + ["--set", "run.name=mpi"], n=3)
     sim = run_cli(base + ["--set", "run.name=sim", "--set", "parallel.simulate=3"], n=1)
     assert mpi.returncode == 0 and sim.returncode == 0, mpi.stderr + sim.stderr
@@ -131,3 +134,22 @@ def test_deterministic_runs_every_phase_and_matches_the_default_on_cpu(tmp_path)
     ca, cb = read_metrics(str(a))["columns"], read_metrics(str(b))["columns"]
     for col in ("train_loss", "test_loss", "local_loss", "residual"):
         assert np.array_equal(ca[col], cb[col], equal_nan=True), col
+
+
+@pytest.mark.spawns
+def test_cuda_aware_on_is_refused_when_the_library_reports_no_support(tmp_path):
+    """On every rank alike, before training, naming the library and the remedies; `force` runs."""
+    from hpc_layerpar.comm import detect_cuda_aware
+    if detect_cuda_aware():
+        pytest.skip("this MPI library reports CUDA support: nothing to refuse")
+    data = make_dataset(tmp_path / "d.h5", n_train=64)
+    base = ["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}", "--set", "data.batch_size=16",
+            "--set", "model.depth=8", "--set", "train.phases=penalty:2", "--set", "run.threads=1",
+            "--set", f"run.out_dir={tmp_path}/runs"]
+    p = run_cli(base + ["--set", "run.cuda_aware=on"], n=2)
+    assert p.returncode == 2, p.stderr
+    assert "run.cuda_aware=on" in p.stderr and "MPICH" in p.stderr.replace("mpich", "MPICH") \
+        and "run.cuda_aware=auto" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not list((tmp_path / "runs").glob("*.h5")), "refused before any metrics file"
+    p = run_cli(base + ["--set", "run.cuda_aware=force"], n=2)
+    assert p.returncode == 0, p.stderr

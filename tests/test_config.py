@@ -34,6 +34,8 @@ def test_layering_preset_file_set(tmp_path):
     (["model.width=4"], "applies to arch=wrn only"),
     (["train.phases=serial:0"], "epochs >= 1"),
     (["run.device=gpu"], "run.device='gpu' is not auto, cpu, cuda or cuda:N"),
+    (["run.precision=fp16"], "run.precision='fp16' is not one of fp32, bf16"),
+    (["run.cuda_aware=yes"], "run.cuda_aware='yes' is not one of auto, on, off, force"),
     (["optim.schedule=step"], "needs optim.milestones"),
     (["optim.momentum=0", "optim.nesterov=true"], "nesterov=true needs optim.momentum > 0"),
     (["data.augment=maybe"], "is not a boolean"),

@@ -43,3 +43,21 @@ def test_no_norm_variant_has_no_batchnorm():
 def test_bad_depth():
     with pytest.raises(ValueError, match="6n\\+2"):
         build_model("resnet", 21, in_channels=3, image_size=32, num_classes=10)
+
+
+def test_bf16_compute_autocasts_and_returns_float32_close_to_fp32():
+    """run.precision=bf16: the forward runs in bfloat16 (it differs from float32), returns float32
+    close to it, and gradients reach the float32 weights."""
+    torch.manual_seed(0)
+    m = build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4)
+    x = torch.randn(16, 1, 8, 8)
+    ref = m(x)
+    m.compute_dtype = torch.bfloat16
+    out = m(x)
+    part = m(m(x, 0, 2), 2)
+    assert out.dtype == torch.float32 and part.dtype == torch.float32
+    assert not torch.equal(out, ref), "bf16 compute must actually change the arithmetic"
+    assert torch.allclose(out, ref, rtol=0.05, atol=0.05)
+    out.sum().backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+               for p in m.parameters())
