@@ -1,4 +1,4 @@
-"""Run configuration: frozen dataclasses by concern, presets, file + --set overrides, validation."""
+"""Run configuration: frozen dataclasses by concern, file + --set overrides, validation (presets: presets.py)."""
 from __future__ import annotations
 
 import dataclasses

@@ -155,7 +155,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
     progress.log(f"hpc_layerpar: {m.name} ({count_parameters(m) / 1e6:.3f} M parameters) on {d.name} "
                  f"({d.n_train} train / {d.n_test} test, {d.shape[0]}x{d.shape[1]}x{d.shape[2]}), "
                  f"{comm.size} rank(s){sim}, device {ctx.device}, {ctx.threads} thread(s)/rank, "
-                 f"precision {cfg.run.precision}{', deterministic' if cfg.run.deterministic else ''}, phases {cfg.train.phases}, batch {cfg.data.batch_size}")
+                 f"precision {cfg.run.precision}{', deterministic' if cfg.run.deterministic else ''}, "
+                 f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
     if ctx.ranges is not None:
         shown = [("%.3g" % c[1]) if math.isfinite(c[1]) else "-" for c in ctx.caps[:-1]]
         shares = [round(c / sum(ctx.costs), 3) for c in stage_costs(ctx.costs, ctx.ranges)]
