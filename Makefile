@@ -44,7 +44,7 @@ demo: $(SETUP) data/digits.h5
 	@echo "== serial back-propagation, 1 rank"
 	$(MPIEXEC) -n 1 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-serial \
 	    --set run.out_dir=$(DEMO_DIR) --set run.name=serial-1rank --set run.threads=1
-	@echo "== SPH layer-parallel training (penalty:4,serial:1)x6, 2 ranks"
+	@echo "== SPH layer-parallel training (penalty:24,serial:6: parallel first, then the serial correction), 2 ranks"
 	$(MPIEXEC) -n 2 $(PYTHON) -m mpi4py -m hpc_layerpar train --preset digits-resnet-penalty \
 	    --set run.out_dir=$(DEMO_DIR) --set run.name=sph-penalty-2ranks --set run.threads=1
 	@echo "== comparison"

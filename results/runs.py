@@ -46,10 +46,11 @@ class Run:
         return float(acc[-1]) if len(acc) else math.nan
 
     def epoch_seconds(self, phase: str) -> float:
-        """Median epoch time over epochs of this kind: 'parallel', 'serial' or 'all'."""
+        """Median epoch time over epochs of this kind: 'parallel', 'serial' or 'all' (every epoch that
+        trained: `skip` epochs of a control run take no time and would make any ratio meaningless)."""
         ph, t = self.columns["phase"], self.columns["epoch_seconds"]
-        mask = np.ones(len(t), bool) if phase == "all" else (np.isin(ph, PARALLEL) if phase == "parallel"
-                                                             else ph == "serial")
+        mask = (ph != "skip") if phase == "all" else (np.isin(ph, PARALLEL) if phase == "parallel"
+                                                      else ph == "serial")
         return float(np.median(t[mask])) if mask.any() else math.nan
 
     def bytes_per_epoch(self, phase: str = "parallel") -> float:

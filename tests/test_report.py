@@ -70,3 +70,16 @@ def test_report_rejects_foreign_files_and_other_schema_versions(runs, tmp_path):
     p = run_cli(["report", str(old), "--out", str(tmp_path / "rep")])
     assert p.returncode == 2 and "schema version 1" in p.stderr
     assert not os.path.exists(tmp_path / "rep" / "summary.md")
+
+
+def test_skip_epochs_do_not_count_as_epoch_time():
+    """A serial-only control (skip epochs, then serial) is timed by its serial epochs alone."""
+    import numpy as np
+
+    from results.runs import Run
+    cols = {"phase": np.array(["skip", "skip", "serial"]), "epoch_seconds": np.array([0.0, 0.0, 4.0]),
+            "test_acc": np.array([np.nan, np.nan, 0.5])}
+    r = Run(path="x", dataset="d", model="m", method="serial-only control", ranks=1, stages=1, replicas=1,
+            ds=1, message_dtype="float32", seed=0, phases="skip:2,serial:1", status="completed",
+            columns=cols, attrs={})
+    assert r.epoch_seconds("all") == 4.0 and r.epoch_seconds("serial") == 4.0
