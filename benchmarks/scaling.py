@@ -5,6 +5,10 @@ ALGORITHM.md, on latency-bandwidth network presets (NVLink, InfiniBand HDR, 25 G
     python benchmarks/scaling.py [--models resnet56,resnet110,resnet1202,wrn28-10] [--batch 128]
                                  [--validate benchmarks/out/run.json]
 
+--device cuda times the elements on a GPU (synchronised per element); --save-costs FILE writes the
+per-element costs, and --costs FILE projects from such a file instead of measuring (e.g. costs
+measured on a GPU node, projected on a login node).
+
 --validate compares the model at K = 2 with rho measured by `benchmarks/run.py --json FILE` (same
 machine), using a network fitted to this machine: shared-memory MPI (latency 1 us, 5 GB/s) and a
 memory bandwidth measured here. Large models are timed at a smaller batch and scaled linearly."""
@@ -29,11 +33,12 @@ SPECS = {"resnet20": ("resnet", 20, 1), "resnet56": ("resnet", 56, 1), "resnet11
 KS = [1, 2, 4, 8, 16, 32, 64]
 
 
-def measured_model(name: str, batch: int, probe_batch: int) -> S.Model:
+def measured_model(name: str, batch: int, probe_batch: int, device=None) -> S.Model:
+    device = device or torch.device("cpu")
     arch, depth, width = SPECS[name]
     torch.manual_seed(0)
     net = build_model(arch, depth, width, in_channels=3, image_size=32, num_classes=10)
-    us = measure_costs(net, probe_batch, torch.device("cpu"), reps=1)
+    us = measure_costs(net, probe_batch, device, reps=1 if device.type == "cpu" else 5)
     scale = batch / probe_batch
     numel = [int(torch.Size(s).numel()) for s in net.shapes]
     return S.Model(name, [u * scale / 1e6 for u in us], numel, count_parameters(net), batch)
@@ -55,6 +60,9 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--validate", help="JSON written by benchmarks/run.py --json")
     ap.add_argument("--json", help="write the predictions here")
+    ap.add_argument("--device", default="cpu", help="where to time the elements: cpu, cuda, cuda:N")
+    ap.add_argument("--costs", help="project from the per-element costs in this file (see --save-costs)")
+    ap.add_argument("--save-costs", help="write the measured per-element costs to this JSON file")
     ap.add_argument("--speedup", type=float, default=1.0,
                     help="divide the measured compute by this factor to stand for a faster device, e.g. "
                          "100 for a GPU against one CPU thread: then communication starts to matter")
@@ -82,15 +90,31 @@ def main():
                 err = (pred - r["rho"]) / r["rho"]
                 print(f"| resnet{depth} | {label} | {r['rho']:.2f} | {pred:.2f} | {100 * err:+.1f}% |")
         print()
+    saved = {}
+    if a.costs:
+        with open(a.costs) as fh:
+            saved = json.load(fh)["models"]
+        missing = [n for n in a.models.split(",") if n not in saved]
+        if missing:
+            raise SystemExit(f"--costs {a.costs} has no costs for {missing}; it has {sorted(saved)}. Measure "
+                             "them with --save-costs on the device, or choose --models among those.")
+    costs_out = {}
     for name in a.models.split(","):
         probe = 16 if name in ("resnet1202", "wrn28-10") else a.batch
-        m = measured_model(name, a.batch, probe)
+        if name in saved:
+            c = saved[name]
+            m = S.Model(name, c["element_seconds"], c["boundary_numel"], c["parameters"], c["batch"])
+            where = f"costs from {a.costs} ({c.get('device', '?')})"
+        else:
+            m = measured_model(name, a.batch, probe, torch.device(a.device))
+            where = f"timed at {probe} on {a.device}" + (" (1 thread)" if a.device == "cpu" else "")
+        costs_out[name] = {"element_seconds": m.element_seconds, "boundary_numel": m.boundary_numel,
+                           "parameters": m.parameters, "batch": m.batch, "device": a.device}
         if a.speedup != 1.0:
             m = S.Model(m.name, [t / a.speedup for t in m.element_seconds], m.boundary_numel, m.parameters,
                         m.batch)
-        print(f"{name}: {count_parameters_str(m)}; one-rank step {sum(m.element_seconds):.3f} s at batch "
-              f"{a.batch} (timed at {probe} on 1 CPU thread" + (f", divided by {a.speedup:g})" if a.speedup != 1
-                                                                 else ")"))
+        print(f"{name}: {count_parameters_str(m)}; one-rank step {sum(m.element_seconds):.4f} s at batch "
+              f"{m.batch} ({where}" + (f", divided by {a.speedup:g})" if a.speedup != 1 else ")"))
         print("| network | method | " + " | ".join(f"K={k}" for k in KS) + " |")
         print("| --- | --- | " + " | ".join("---" for _ in KS) + " |")
         for key, net in S.PRESETS.items():
@@ -114,6 +138,9 @@ def main():
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"K": KS, "rho": out}, fh, indent=1)
+    if a.save_costs:
+        with open(a.save_costs, "w") as fh:
+            json.dump({"models": costs_out}, fh, indent=1)
 
 
 def count_parameters_str(m: S.Model) -> str:

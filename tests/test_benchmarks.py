@@ -1,0 +1,29 @@
+"""The benchmark scripts' file interfaces (their figures are measurements, not tested here)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.spawns
+
+
+def test_scaling_projects_from_saved_costs_as_from_measured_ones(tmp_path):
+    """--save-costs writes per-element costs; --costs projects from them without measuring and gives
+    the same rho table (the way costs measured on a GPU node feed the model elsewhere)."""
+    base = [sys.executable, "benchmarks/scaling.py", "--models", "resnet20", "--batch", "8"]
+    a = subprocess.run(base + ["--save-costs", str(tmp_path / "c.json"), "--json", str(tmp_path / "a.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert a.returncode == 0, a.stderr
+    costs = json.loads((tmp_path / "c.json").read_text())["models"]["resnet20"]
+    assert len(costs["element_seconds"]) == 11 == len(costs["boundary_numel"]) - 1 and costs["device"] == "cpu"
+    b = subprocess.run(base + ["--costs", str(tmp_path / "c.json"), "--json", str(tmp_path / "b.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert b.returncode == 0, b.stderr
+    assert "costs from" in b.stdout
+    assert json.loads((tmp_path / "a.json").read_text()) == json.loads((tmp_path / "b.json").read_text())
+    c = subprocess.run(base[:3] + ["resnet56", "--costs", str(tmp_path / "c.json")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert c.returncode != 0 and "no costs for ['resnet56']" in c.stderr
