@@ -147,17 +147,11 @@ class PipelineEngine:
             for i, idx in enumerate(pr["idx"]):
                 x = pr["x"][i] if self.first else self.filter.up(pr["a"][i])
                 u = model(x, self.start, self.end)
-                n = len(idx)
                 if self.last:
                     loss = F.cross_entropy(u, self.data.train_y[idx.to(self.device)])
                 else:
-                    d = self.filter.down(u)
-                    diff = d - pr["anchor"][i]
-                    loss = (pr["p"][i] * d).sum() / n
-                    if pr["beta"] > 0:
-                        loss = loss + (0.5 * pr["beta"] / self.out_numel) * diff.pow(2).sum() / n
-                    if self.store is not None:
-                        loss = loss + (self.store.gather(idx) * diff).sum() / n
+                    m = self.store.gather(idx) if self.store is not None else None
+                    loss, _ = self._objective(self.filter.down(u), pr["p"][i], pr["anchor"][i], pr["beta"], m)
                 grads = torch.autograd.grad(loss / mb, self.params, allow_unused=True)
                 for t, g in zip(total, grads):
                     if g is not None:
@@ -260,13 +254,9 @@ class PipelineEngine:
         """(1/n) sum_i <p_i, d_i> + (beta/2N)||d_i - a_i||^2 (+ <m_i, d_i - a_i> and the multiplier
         step for AL): the penalty towards the prox-linear target a - (N/beta) p, N = numel(a_i)."""
         n = len(idx)
-        diff = d - anchor
-        loss = (p * d).sum() / n
-        if beta > 0:
-            loss = loss + (0.5 * beta / self.out_numel) * diff.pow(2).sum() / n
-        if self.store is not None:
-            m = self.store.gather(idx)
-            loss = loss + (m * diff).sum() / n
+        m = self.store.gather(idx) if self.store is not None else None
+        loss, diff = self._objective(d, p, anchor, beta, m)
+        if m is not None:
             # method of multipliers on D(u') = a, damped by rho; uses this step's violation
             m_new = m + (self.al_rho * beta / self.out_numel) * diff.detach()
             self.store.scatter(idx, m_new)
@@ -274,6 +264,18 @@ class PipelineEngine:
             sums.add_nonfinite(m_new)
         sums.add_residual(diff.detach().flatten(1).norm(dim=1).sum(), n)
         return loss
+
+    def _objective(self, d, p, anchor, beta: float, m):
+        """(loss, d - anchor): the stage's local objective on a micro-batch (ALGORITHM.md s.3), shared by
+        training and the diagnostics probe."""
+        n = len(d)
+        diff = d - anchor
+        loss = (p * d).sum() / n
+        if beta > 0:
+            loss = loss + (0.5 * beta / self.out_numel) * diff.pow(2).sum() / n
+        if m is not None:
+            loss = loss + (m * diff).sum() / n
+        return loss, diff
 
     def _step(self, ep: "_Epoch") -> None:
         """One optimizer step of the stage: M micro-batches, a global batch (averaged over replicas)."""
