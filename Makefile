@@ -2,6 +2,7 @@
 #              SPH layer-parallel training on 2 ranks beside serial back-propagation
 # make test  - set up .venv if needed, lint (ruff), run the whole suite (plain pytest, then MPI at 1, 2, 3, 4 ranks)
 # make bench - the benchmarks (see benchmarks/README.md)
+# make test-gpu - on a GPU machine: the equality tests on the GPU (HPL_TEST_DEVICE=cuda), 1 and 2 ranks
 #
 # On a cluster with your own Python/MPI/CUDA torch, skip the venv:
 #   make test PYTHON=$(which python) MPIEXEC=mpirun
@@ -26,7 +27,7 @@ endif
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: demo test lint test-serial test-mpi bench setup clean
+.PHONY: demo test lint test-serial test-mpi test-gpu bench setup clean
 
 setup: $(SETUP)
 
@@ -64,6 +65,12 @@ test-mpi:
 	  echo "== MPI tests under $(MPIEXEC) -n $$n"; \
 	  timeout $(TEST_TIMEOUT) $(MPIEXEC) -n $$n $(PYTHON) -m mpi4py tests/mpi_pytest.py -q -m mpi || exit 1; \
 	done
+
+GPU_TESTS := tests/test_graphs.py tests/test_serial.py tests/test_pipeline.py tests/test_comm.py
+test-gpu: $(SETUP)
+	HPL_TEST_DEVICE=cuda timeout $(TEST_TIMEOUT) $(PYTHON) -m pytest -q $(GPU_TESTS)
+	HPL_TEST_DEVICE=cuda timeout $(TEST_TIMEOUT) $(MPIEXEC) -n 2 $(PYTHON) -m mpi4py tests/mpi_pytest.py -q -m mpi \
+	    $(GPU_TESTS)
 
 bench: $(SETUP)
 	$(PYTHON) benchmarks/run.py

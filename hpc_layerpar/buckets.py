@@ -44,7 +44,8 @@ class GradBucket:
         for p in self.params:
             if p.dtype != torch.float32:
                 raise TypeError(f"GradBucket needs float32 parameters, got {p.dtype}")
-            p.grad = self.flat[off:off + p.numel()].view_as(p)
+            # the parameter's own strides (channels_last weights on GPUs get channels_last gradients)
+            p.grad = self.flat.as_strided(p.shape, p.stride(), off)
             off += p.numel()
 
     def zero(self):

@@ -34,19 +34,58 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
-class Pending:
-    """A posted non-blocking message. wait() completes it (and, for a staged receive, copies the
-    host buffer to the device tensor); the time blocked counts as wait time."""
+# Staged sends from CUDA tensors whose device-to-host copy runs on a side stream: their MPI send is
+# posted once the copy is done. Process-wide (every Comm of this rank), because a rank must never
+# block in MPI while one of its own sends is still unposted: its peer may be waiting for it.
+_DEFERRED: list = []
 
-    def __init__(self, comm: "Comm", req, keep=None, on_done=None):
+
+def _flush(block: bool) -> None:
+    """Post the deferred sends whose copies are done; all of them (waiting on each copy's event, not
+    on the device) when `block`, which every blocking MPI call of this module does first."""
+    keep = []
+    for p in _DEFERRED:
+        if block or p.copied.query():
+            p.post()
+        else:
+            keep.append(p)
+    _DEFERRED[:] = keep
+
+
+class _Done:
+    """The event of a copy that has already happened (CPU staging)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+class Pending:
+    """A non-blocking message. wait() completes it (and, for a staged receive, starts the copy of
+    the host buffer to the device tensor); the time blocked counts as wait time. A staged send from a
+    CUDA tensor starts unposted: `copied` is the event of its device-to-host copy, `post` the MPI call."""
+
+    def __init__(self, comm: "Comm", req, keep=None, on_done=None, copied=None, post=None):
         self.comm, self.req, self.keep, self.on_done = comm, req, keep, on_done
+        self.copied, self._post = copied, post
         self.done = False
+
+    def post(self) -> None:
+        """Post the MPI send of a deferred message (after its copy has finished)."""
+        if self.req is None:
+            self.copied.synchronize()
+            self.req = self._post()
+            self._post = None
 
     def wait(self):
         """Block until the message has completed; the time blocked counts as wait and as comm time."""
         if self.done:
             return
         t0 = time.perf_counter()
+        _flush(block=True)
+        self.post()
         self.req.Wait()
         dt = time.perf_counter() - t0
         self.comm.counters.wait_seconds += dt
@@ -55,7 +94,8 @@ class Pending:
 
     def test(self) -> bool:
         """Complete the message if it has arrived, without blocking; return whether it is done."""
-        if not self.done and self.req.Test():
+        _flush(block=False)
+        if not self.done and self.req is not None and self.req.Test():
             self._finish()
         return self.done
 
@@ -83,6 +123,8 @@ class Comm:
         self.stage_all = stage_all
         self.counters = Counters()
         self._staging: dict = {}
+        self._copy_stream = None   # CUDA: the side stream of staged sends' device-to-host copies
+        self._recv_copied: dict = {}  # staging key -> event of the last host-to-device copy out of it
         node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
@@ -121,24 +163,66 @@ class Comm:
         staging `key`) before the returned Pending completes."""
         assert t.is_contiguous()
         t0 = time.perf_counter()
-        arr, staged = self._host(t, ("send", key))
-        req = self.mpi.Isend(arr, dest=dest, tag=tag)
-        self.counters.comm_seconds += time.perf_counter() - t0
         if dest != MPI.PROC_NULL:
             self.counters.bytes_sent += t.numel() * t.element_size()
-        return Pending(self, req, keep=(t, arr, staged))
+        if (t.device.type == "cuda" and not self.cuda_aware) or (t.device.type == "cpu" and self.stage_all):
+            pending = self._isend_staged(t, dest, tag, key)
+        else:
+            arr, staged = self._host(t, ("send", key))
+            pending = Pending(self, self.mpi.Isend(arr, dest=dest, tag=tag), keep=(t, arr, staged))
+        self.counters.comm_seconds += time.perf_counter() - t0
+        return pending
+
+    def _isend_staged(self, t: torch.Tensor, dest: int, tag: int, key) -> Pending:
+        """The copy of t to its pinned staging buffer goes on a side stream after the work queued so
+        far (an event orders it), so the host does not wait for the device; the MPI send is posted
+        when the copy is done (_flush). CPU tensors under stage_all take the same deferred path with
+        a copy that is done at once, which is how tests without a GPU exercise it."""
+        arr, buf = self._host(t, ("send", key), copy_in=False)
+        if t.device.type == "cpu":
+            buf.copy_(t)
+            pending = Pending(self, None, keep=(t, arr, buf), copied=_Done(),
+                              post=lambda: self.mpi.Isend(arr, dest=dest, tag=tag))
+            _DEFERRED.append(pending)
+            return pending
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=t.device)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(t.device))
+        self._copy_stream.wait_event(ready)
+        with torch.cuda.stream(self._copy_stream):
+            buf.copy_(t, non_blocking=True)
+        t.record_stream(self._copy_stream)  # t's memory is not reused before the copy has read it
+        copied = torch.cuda.Event()
+        copied.record(self._copy_stream)
+        pending = Pending(self, None, keep=(t, arr, buf), copied=copied,
+                          post=lambda: self.mpi.Isend(arr, dest=dest, tag=tag))
+        _DEFERRED.append(pending)
+        return pending
 
     def irecv(self, t: torch.Tensor, source: int, tag: int, key) -> Pending:
         """Non-blocking receive into a contiguous tensor (valid after wait())."""
         assert t.is_contiguous()
         t0 = time.perf_counter()
-        arr, staged = self._host(t, ("recv", key), copy_in=False)
+        skey = ("recv", key)
+        arr, staged = self._host(t, skey, copy_in=False)
+        if skey in self._recv_copied:  # MPI must not overwrite the buffer an earlier copy still reads
+            self._recv_copied.pop(skey).synchronize()
         req = self.mpi.Irecv(arr, source=source, tag=tag)
         self.counters.comm_seconds += time.perf_counter() - t0
         if source != MPI.PROC_NULL:
             self.counters.bytes_recv += t.numel() * t.element_size()
+        on_done = None
         # nothing arrives from PROC_NULL: the staging buffer holds garbage then, leave t as it is
-        on_done = (lambda: t.copy_(staged)) if staged is not None and source != MPI.PROC_NULL else None
+        if staged is not None and source != MPI.PROC_NULL:
+            def on_done():
+                if t.device.type == "cuda":  # queued on the stream that will read t: no host wait
+                    t.copy_(staged, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(torch.cuda.current_stream(t.device))
+                    self._recv_copied[skey] = ev
+                else:
+                    t.copy_(staged)
         return Pending(self, req, keep=(t, arr), on_done=on_done)
 
     def neighbours(self) -> tuple[int, int]:
@@ -161,12 +245,14 @@ class Comm:
     # ---- collectives ---------------------------------------------------------------------
     def allreduce_(self, t: torch.Tensor, key="allreduce") -> torch.Tensor:
         """In-place sum over ranks of a contiguous float tensor; counts ring-allreduce bytes."""
+        _flush(block=True)
         assert t.is_contiguous()
         t0 = time.perf_counter()
         arr, staged = self._host(t, key)
         self.mpi.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         if staged is not None:
-            t.copy_(staged)
+            # non-blocking: the buffer's next use is a device-to-host copy queued behind this one
+            t.copy_(staged, non_blocking=t.device.type == "cuda")
         self.counters.comm_seconds += time.perf_counter() - t0
         if self.size > 1:
             # MPI hides its algorithm; we count what a ring allreduce moves per rank.
@@ -177,18 +263,20 @@ class Comm:
 
     def allreduce_array(self, values, op="sum") -> np.ndarray:
         """Element-wise sum (or max, min) over the ranks of values, as a float64 array; not counted in the counters."""
+        _flush(block=True)
         arr = np.ascontiguousarray(np.asarray(values, dtype=np.float64)).copy()
         self.mpi.Allreduce(MPI.IN_PLACE, arr, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
         return arr
 
     def bcast_(self, t: torch.Tensor, root: int, key="bcast") -> torch.Tensor:
         """Broadcast the contiguous tensor t from root in place; its bytes count as sent on root, received elsewhere."""
+        _flush(block=True)
         assert t.is_contiguous()
         t0 = time.perf_counter()
         arr, staged = self._host(t, key)
         self.mpi.Bcast(arr, root=root)
         if staged is not None:
-            t.copy_(staged)
+            t.copy_(staged, non_blocking=t.device.type == "cuda")
         self.counters.comm_seconds += time.perf_counter() - t0
         nbytes = t.numel() * t.element_size()
         if self.size > 1:
@@ -200,18 +288,22 @@ class Comm:
 
     def bcast_obj(self, obj, root: int = 0):
         """root's picklable obj, returned on every rank."""
+        _flush(block=True)
         return self.mpi.bcast(obj, root=root)
 
     def allgather_obj(self, obj) -> list:
         """Every rank's picklable obj, in rank order, on every rank."""
+        _flush(block=True)
         return self.mpi.allgather(obj)
 
     def gather_obj(self, obj, root: int = 0):
         """Every rank's picklable obj in rank order on root; None on the other ranks."""
+        _flush(block=True)
         return self.mpi.gather(obj, root=root)
 
     def barrier(self):
         """Block until every rank of the communicator has reached the barrier."""
+        _flush(block=True)
         self.mpi.Barrier()
 
     def free(self):

@@ -87,6 +87,7 @@ class RunConfig:
     out_dir: str = "runs"
     device: str = "auto"        # auto | cpu | cuda | cuda:N
     precision: str = "fp32"     # fp32 | bf16: autocast compute, float32 weights, optimizer state and messages
+    cuda_graphs: str = "auto"   # auto (= on for CUDA devices) | on | off: capture each training step once, replay it
     threads: int = 0            # torch threads per rank; 0: cores per node / ranks per node
     deterministic: bool = False  # bitwise-reproducible kernels on GPUs too (PyTorch deterministic algorithms)
     # GPU tensors straight to MPI: auto (ask the MPI library) | on | off (stage via pinned host memory)
@@ -336,6 +337,7 @@ def _validate_run(cfg: Config) -> None:
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
     _choice("run.cuda_aware", r.cuda_aware, ("auto", "on", "off", "force"))
     _choice("run.precision", r.precision, ("fp32", "bf16"))
+    _choice("run.cuda_graphs", r.cuda_graphs, ("auto", "on", "off"))
     _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
     _positive("run.stop_after", r.stop_after, strict=False)
     dbg = cfg.debug

@@ -8,8 +8,6 @@ import math
 import os
 from dataclasses import dataclass, field
 
-import torch
-
 from . import checkpoint as C
 from . import guard as G
 from .comm import Topology, detect_cuda_aware, library_version
@@ -17,7 +15,8 @@ from .config import Config, micro_batches
 from .data import DeviceDataset, make_augment, replica_shard
 from .errors import ConfigError
 from .filters import DSFilter
-from .models import model_from_config, smallest_map
+from .graphs import graph_mode
+from .models import model_from_config, place_model, smallest_map
 from .runsetup import agree, check_fit, element_costs, resolve_device, set_deterministic, set_threads, stage_ranges
 from .schedule import PARALLEL, lr_at, parse_phases, total_epochs
 from .serial import SerialEngine, make_optimizer
@@ -114,13 +113,16 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
                               "corrupt. Use run.cuda_aware=auto (stages GPU messages through pinned host "
                               "memory), a CUDA-aware MPI build, or run.cuda_aware=force if you know better.")
         device = resolve_device(cfg.run.device, comm.local_rank)
+        if cfg.run.cuda_graphs == "on" and device.type != "cuda":
+            raise ConfigError(f"run.cuda_graphs=on needs a CUDA device, but this rank runs on {device} "
+                              f"(run.device={cfg.run.device}); use run.cuda_graphs=auto or off.")
         threads = set_threads(cfg.run.threads, comm.local_size)
         data = DeviceDataset(cfg.data.path, device, subset=cfg.data.subset)
         check_fit(cfg, data, comm)
         c, h, _ = data.shape
         model = model_from_config(cfg.model, in_channels=c, image_size=h, num_classes=data.num_classes,
-                                  seed=cfg.train.seed).to(device)
-        model.compute_dtype = torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
+                                  seed=cfg.train.seed)
+        place_model(model, device, cfg.run.precision)
         src = None
         if resume:
             src = C.latest(ckpt_dir) if resume == "auto" else resume
@@ -141,8 +143,10 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
         meta = C.load_meta(src)
         C.load_model(src, model, opt)
     augment = make_augment(cfg.data, data, cfg.train.seed)
+    # the simulator's virtual ranks are threads of one process: concurrent captures would collide
+    graphs = graph_mode(cfg.run.cuda_graphs, device) if not cfg.parallel.simulate else "off"
     serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
-                          drop_last=cfg.data.drop_last, seed=cfg.train.seed)
+                          drop_last=cfg.data.drop_last, seed=cfg.train.seed, graphs=graphs)
     ctx = RunContext(cfg=cfg, comm=comm, device=device, threads=threads, data=data, model=model, opt=opt,
                      phases=phases, n_epochs=total_epochs(phases), ckpt_dir=ckpt_dir, augment=augment,
                      serial=serial, src=src, meta=meta)

@@ -72,6 +72,7 @@ class LayerSequence(nn.Module):
         self.costs = [int(c) for c in costs]
         self.name = name
         self.compute_dtype = torch.float32  # run.precision: bf16 autocasts every forward
+        self.channels_last = False  # on GPUs: NHWC activations and weights (the fast cuDNN layout)
 
     def __len__(self):
         return len(self.elements)
@@ -82,11 +83,15 @@ class LayerSequence(nn.Module):
         With compute_dtype bfloat16 the elements run under autocast (weights stay float32, the
         master copy the optimizer updates) and the result comes back as float32, so losses,
         penalties, messages and auxiliary variables keep their precision (run.precision)."""
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.compute_dtype == torch.float32:
             for el in self.elements[start:end]:
                 x = el(x)
             return x
-        with torch.autocast(x.device.type, dtype=self.compute_dtype):
+        # no weight-cast cache: each weight is used once per forward, and a cache that outlives a
+        # CUDA graph capture would hand the graph freed memory
+        with torch.autocast(x.device.type, dtype=self.compute_dtype, cache_enabled=False):
             for el in self.elements[start:end]:
                 x = el(x)
         return x.float()
@@ -94,6 +99,17 @@ class LayerSequence(nn.Module):
     def element_params(self, i: int):
         """The parameters of element i, as a list."""
         return list(self.elements[i].parameters())
+
+
+def place_model(model: LayerSequence, device: torch.device, precision: str = "fp32") -> LayerSequence:
+    """Move the model to its device with the run's compute precision; on CUDA devices weights and
+    activations take the channels_last layout (cuDNN's fast path; results equal up to rounding)."""
+    model.to(device)
+    model.compute_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+        model.channels_last = True
+    return model
 
 
 def _conv_macs(cin, cout, k, hout, wout):

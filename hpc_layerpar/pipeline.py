@@ -28,6 +28,7 @@ from .channels import Channel
 from .config import micro_batches
 from .data import epoch_batches, replica_batches
 from .filters import DSFilter
+from .graphs import GraphCache, SGDUpdate
 from .models import smallest_map
 from .stages import stage_params
 from .stats import EpochSums, PhaseStats
@@ -57,10 +58,12 @@ class PipelineEngine:
     """One parallel phase (pipeline coupling) on one rank of the pipeline communicator `comm`."""
 
     def __init__(self, model, optimizer, comm, data, ranges, pcfg, *, method: str, batch_size: int,
-                 drop_last: bool, seed: int, augment=None, replica_comm=None, shard=None):
+                 drop_last: bool, seed: int, augment=None, replica_comm=None, shard=None, graphs: str = "off"):
         """augment: the serial phase's augmentation, applied by rank 0 when
         parallel.augment is on (the auxiliary variables live only while a micro-batch is in flight,
-        so nothing ties them to the un-augmented sample)."""
+        so nothing ties them to the un-augmented sample). graphs: "cuda" replays each stage step
+        (F, B and the optimizer step) as a CUDA graph, "emulate" runs that path uncaptured (tests);
+        the AL method stays eager (its multipliers are gathered by sample id from a store)."""
         if method not in ("penalty", "al"):
             raise ValueError(f"unknown parallel method {method!r}")
         if len(ranges) != comm.size:
@@ -86,7 +89,12 @@ class PipelineEngine:
         self.al_rho = pcfg.al_rho
         self.params = stage_params(model, self.start, self.end)
         self.stage_modules = list(model.elements[self.start:self.end].modules())
-        self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 else None
+        self.graphs = GraphCache(graphs if method == "penalty" else "off")
+        # the graph path keeps gradients in a bucket always: captured kernels need fixed addresses
+        self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 or self.graphs.enabled else None
+        self.sgd = SGDUpdate(optimizer, self.params, self.device) if self.graphs.enabled else None
+        self.beta_t = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.steps: dict = {}  # graph path: (kind, rows) -> (static inputs, StepGraph)
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None
         if method == "al" and not self.last:
@@ -172,6 +180,10 @@ class PipelineEngine:
         nm = len(mbs)
         ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=nm // self.M, sums=EpochSums(self.device),
                     last_group=set(range(max(nm - self.M, 0), nm)))  # the probe: the last global batch
+        if self.graphs.enabled:
+            self.graphs.validate(self._state())
+            self.beta_t.fill_(beta)
+            ep.dev = self._epoch_inputs(epoch, mbs)
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
         for t in range(nm + 2 * (self.K - 1)):
@@ -192,33 +204,46 @@ class PipelineEngine:
         output goes on to the next rank. The last rank returns its input for B, which follows at once."""
         idx = ep.mbs[j]
         n = len(idx)
-        a = None
+        graphed = self.graphs.enabled
+        a = x = None
         if self.first:
-            x = self._images(ep.epoch, j, idx)
+            if not graphed or j in ep.last_group:
+                x = self._images(ep.epoch, j, idx)
             if j in ep.last_group:
                 ep.probe["x"].append(x)
         else:
             for i in range(j, min(j + AHEAD + 1, len(ep.mbs))):
                 self.activations.post(i, len(ep.mbs[i]))
             a = self.activations.recv(j, n).to(torch.float32, copy=True)
-            x = self.filter.up(a)
+            if not graphed:
+                x = self.filter.up(a)
             if j in ep.last_group:
                 ep.probe["a"].append(a)
         if j in ep.last_group:
             ep.probe["idx"].append(idx)
         if self.last:
             return a, x
-        with torch.no_grad():
-            d = self.filter.down(self.model(x, self.start, self.end))
+        if graphed:
+            d = self._replay("F", ep, j, n, a=a)[0]
+        else:
+            with torch.no_grad():
+                d = self.filter.down(self.model(x, self.start, self.end))
         self.activations.send(j, d)
-        # the anchor of the penalty is the value the downstream rank received (its wire precision)
-        ep.inflight[j] = (a, d if self.msg_dtype == torch.float32 else d.to(self.msg_dtype).float())
+        # the anchor of the penalty is the value the downstream rank received (its wire precision);
+        # a replay's output is overwritten by the next one: keep a copy
+        if self.msg_dtype != torch.float32:
+            anchor = d.to(self.msg_dtype).float()
+        else:
+            anchor = d.clone() if graphed else d
+        ep.inflight[j] = (a, anchor)
         return None
 
     def _backward(self, ep: "_Epoch", j: int, fwd) -> None:
         """B(j): the local objective of micro-batch j, back-propagated; the adjoint goes upstream."""
         idx = ep.mbs[j]
         n = len(idx)
+        if self.graphs.enabled:
+            return self._backward_graphed(ep, j, n, fwd)
         if self.last:
             a, x = fwd
         else:
@@ -271,7 +296,7 @@ class PipelineEngine:
         n = len(d)
         diff = d - anchor
         loss = (p * d).sum() / n
-        if beta > 0:
+        if torch.is_tensor(beta) or beta > 0:  # a tensor: the graph path's device scalar, any value
             loss = loss + (0.5 * beta / self.out_numel) * diff.pow(2).sum() / n
         if m is not None:
             loss = loss + (m * diff).sum() / n
@@ -280,6 +305,13 @@ class PipelineEngine:
     def _step(self, ep: "_Epoch") -> None:
         """One optimizer step of the stage: M micro-batches, a global batch (averaged over replicas)."""
         lr = ep.lr_fn(ep.epoch + ep.updates / max(ep.nb, 1))
+        if self.graphs.enabled:
+            self.sgd.set_lr(lr)
+            if self.replicas > 1:
+                self.replica_comm.allreduce_(self.bucket.flat, key="stage-grads")
+            self._replay("S", ep, None, 0)
+            ep.updates += 1
+            return
         for g in self.opt.param_groups:
             g["lr"] = lr
         if self.bucket is not None:
@@ -291,6 +323,125 @@ class PipelineEngine:
             self.opt.zero_grad(set_to_none=True)
         else:
             self.bucket.zero()
+
+    # ---- the graph path (run.cuda_graphs; graphs.py) ---------------------------------------
+    def _state(self) -> list:
+        """What this stage's steps update in place (restored after the warm-up runs of a capture)."""
+        bufs = [b for m in self.stage_modules for b in m.buffers(recurse=False)]
+        return self.params + bufs + self.sgd.buffers() + [self.bucket.flat]
+
+    def _epoch_inputs(self, epoch: int, mbs: list):
+        """The epoch's sample ids (and rank 0's augmentation draws), on the device in one copy each,
+        with each micro-batch's offset: a replay's inputs are then device-to-device slices."""
+        starts = [0]
+        for idx in mbs:
+            starts.append(starts[-1] + len(idx))
+        ids = torch.cat(mbs).to(self.device) if mbs else None
+        off = flip = None
+        if self.first and self.augment is not None and mbs:
+            offs, flps, drawn = [], [], {}
+            for j, idx in enumerate(mbs):
+                g, i = divmod(j, self.M)  # as _images: the global batch's draws, this micro-batch's rows
+                if g not in drawn:
+                    drawn = {g: self.augment.draws(epoch, g, self.sub_batch)}
+                o, f = drawn[g]
+                rows = slice(i * self.micro, i * self.micro + len(idx))
+                offs.append(o[rows])
+                flps.append(f[rows])
+            off, flip = torch.cat(offs).to(self.device), torch.cat(flps).to(self.device)
+        return ids, starts, off, flip
+
+    def _make_step(self, kind: str, n: int):
+        """(static inputs, StepGraph) of F (forward, no gradients), B (local objective, backward,
+        adjoint) or S (optimizer step) for micro-batches of n samples."""
+        dev, f32 = self.device, torch.float32
+        ins = {}
+        if kind != "S":
+            if self.first or self.last:
+                ins["ids"] = torch.zeros(n, dtype=torch.int64, device=dev)
+            if self.first and self.augment is not None:
+                ins["off"] = torch.zeros(n, 2, dtype=torch.int64, device=dev)
+                ins["flip"] = torch.zeros(n, dtype=torch.bool, device=dev)
+            if not self.first:
+                ins["a"] = torch.zeros((n,) + tuple(self.in_shape), dtype=f32, device=dev)
+            if kind == "B" and not self.last:
+                ins["p"] = torch.zeros((n,) + tuple(self.out_shape), dtype=f32, device=dev)
+                ins["anchor"] = torch.zeros_like(ins["p"])
+
+        def inputs(grad: bool):
+            if self.first:
+                x = self.data.train_batch(ins["ids"])[0]
+                if self.augment is not None:
+                    x = self.augment.apply(x, ins["off"], ins["flip"])
+                return x, None
+            leaf = ins["a"].detach().requires_grad_(grad)
+            return self.filter.up(leaf), leaf
+
+        def forward():
+            x, _ = inputs(False)
+            with torch.no_grad():
+                return (self.filter.down(self.model(x, self.start, self.end)),)
+
+        def backward():
+            x, leaf = inputs(True)
+            if self.last:
+                u = self.model(x, self.start, self.end)
+                y = self.data.train_y[ins["ids"]]
+                loss = F.cross_entropy(u, y)
+                second = (u.detach().argmax(1) == y).sum()
+            else:
+                with _NoRunningStats(self.stage_modules):
+                    d = self.filter.down(self.model(x, self.start, self.end))
+                loss, diff = self._objective(d, ins["p"], ins["anchor"], self.beta_t, None)
+                second = diff.detach().flatten(1).norm(dim=1).sum()
+            (loss / self.M).backward()
+            return loss.detach(), second, None if leaf is None else leaf.grad * n
+
+        def step():
+            if self.replicas > 1:
+                self.bucket.flat.div_(self.replicas)
+            self.sgd()
+            self.bucket.zero()
+            return ()
+
+        return ins, self.graphs.step({"F": forward, "B": backward, "S": step}[kind], self._state)
+
+    def _replay(self, kind: str, ep: "_Epoch", j, n: int, **tensors):
+        """Load micro-batch j's inputs into the static buffers of (kind, n) and replay its step."""
+        ins, graph = self.graphs.get((kind, n), lambda: self._make_step(kind, n))
+        if "ids" in ins:
+            ids, starts, off, flip = ep.dev
+            lo = starts[j]
+            ins["ids"].copy_(ids[lo:lo + n])
+            if "off" in ins:
+                ins["off"].copy_(off[lo:lo + n])
+                ins["flip"].copy_(flip[lo:lo + n])
+        for name, t in tensors.items():
+            if name in ins:
+                ins[name].copy_(t)
+        return graph()
+
+    def _backward_graphed(self, ep: "_Epoch", j: int, n: int, fwd) -> None:
+        """B(j) as a replay: the same local objective, gradients and adjoint as the eager _backward."""
+        if self.last:
+            a = fwd[0]
+            loss, correct, adj = self._replay("B", ep, j, n, a=a)
+            ep.sums.add_ce(loss, correct, n)
+        else:
+            a, anchor = ep.inflight.pop(j)
+            for i in range(j, min(j + AHEAD + 1, len(ep.mbs))):
+                self.adjoints.post(i, len(ep.mbs[i]))
+            p = self.adjoints.recv(j, n)
+            if j in ep.last_group:
+                ep.probe["p"].append(p.to(torch.float32, copy=True))
+                ep.probe["anchor"].append(anchor)
+            loss, res, adj = self._replay("B", ep, j, n, a=a, p=p, anchor=anchor)
+            ep.sums.add_residual(res, n)
+        ep.sums.add_local(loss, n, j)
+        if adj is not None:
+            self.adjoints.send(j, adj)
+        if (j + 1) % self.M == 0:
+            self._step(ep)
 
 
 @dataclass
@@ -305,6 +456,7 @@ class _Epoch:
     last_group: set
     updates: int = 0
     inflight: dict = field(default_factory=dict)  # j -> (auxiliary input or None, anchor)
+    dev: tuple = ()  # graph path: the epoch's ids, micro-batch offsets and draws on the device
     probe: dict = field(default_factory=lambda: {"a": [], "idx": [], "x": [], "p": [], "anchor": []})
 
     def __post_init__(self):

@@ -20,8 +20,10 @@ class Progress:
             print(text, flush=True)
 
     def step(self, epoch, total_epochs_, step, steps, loss):
-        """Redraw the live bar with the step count and loss; does nothing when there is no bar."""
+        """Redraw the live bar with the step count and loss (a value, or a callable that reads it: only
+        called here, so a batch log costs no device sync per step); does nothing when there is no bar."""
         if self.bar:
+            loss = loss() if callable(loss) else loss
             width = 30
             fill = int(width * step / steps)
             sys.stdout.write(f"\r  epoch {epoch + 1}/{total_epochs_} [{'#' * fill}{'.' * (width - fill)}] "

@@ -44,6 +44,8 @@ def set_deterministic(on: bool) -> None:
     (read when cuBLAS initialises, so set here, before the first CUDA kernel). CPU kernels of this
     code are deterministic at a fixed thread count either way."""
     if not on:
+        # cuDNN times its algorithms once per shape (in the warm-up before a CUDA graph capture)
+        torch.backends.cudnn.benchmark = True
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)

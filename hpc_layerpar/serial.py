@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .buckets import GradBucket, flatten, sync_device, unflatten
 from .data import epoch_batches, shard_range
+from .graphs import GraphCache, SGDUpdate
 from .stats import FIRST_BAD_NONE, PhaseStats
 
 
@@ -19,11 +20,15 @@ class SerialEngine:
     """Owns the whole network on this rank; `comm` of size 1 gives plain back-propagation."""
 
     def __init__(self, model, optimizer, comm, data, augment, *, batch_size: int, drop_last: bool,
-                 seed: int):
+                 seed: int, graphs: str = "off"):
+        """graphs: "cuda" captures each step as a CUDA graph, "emulate" runs the graph path without
+        capturing (tests), "off" is the eager loop (graphs.py)."""
         self.model, self.opt, self.comm, self.data, self.augment = model, optimizer, comm, data, augment
         self.batch_size, self.drop_last, self.seed = batch_size, drop_last, seed
         self.device = data.device
         self.bucket = GradBucket(model.parameters(), self.device)
+        self.graphs = GraphCache(graphs)
+        self.sgd = SGDUpdate(optimizer, model.parameters(), self.device) if self.graphs.enabled else None
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: full batches only with drop_last, else a final partial batch too."""
@@ -31,9 +36,13 @@ class SerialEngine:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def train_epoch(self, epoch: int, lr_fn, on_step=None) -> PhaseStats:
-        """lr_fn(t) gives the learning rate at fractional global epoch t."""
+        """lr_fn(t) gives the learning rate at fractional global epoch t. on_step(step, steps, loss)
+        gets the running mean loss as a callable: reading it synchronises a GPU, so only a live
+        progress bar calls it."""
         self.model.train()
         self.bucket.attach()  # a phase switch may have replaced .grad; re-bind the views
+        if self.graphs.enabled:
+            return self._train_epoch_graphed(epoch, lr_fn, on_step)
         batches = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
         totals = torch.zeros(GradBucket.EXTRA, dtype=torch.float64, device=self.device)
         bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=self.device)
@@ -71,15 +80,111 @@ class SerialEngine:
             sync_device(self.device)
             compute += time.perf_counter() - t0
             if on_step is not None:
-                on_step(step + 1, len(batches), float(totals[0]) / max(samples, 1))
+                on_step(step + 1, len(batches), lambda s=samples, t=totals: float(t[0]) / max(s, 1))
+        return self._finish(totals, bad, len(batches), samples, compute)
+
+    def _finish(self, totals, bad, steps: int, samples: int, compute: float) -> PhaseStats:
         self.sync_buffers()
         loss_sum, correct = totals.tolist()
         first_bad = int(bad)
         nan = float("nan")
         return PhaseStats(local_loss=nan, train_loss=loss_sum / max(samples, 1),
                           train_acc=correct / max(samples, 1), residual=nan, multiplier_norm=nan,
-                          steps=len(batches), samples=samples, compute_seconds=compute,
+                          steps=steps, samples=samples, compute_seconds=compute,
                           first_bad_step=None if first_bad >= FIRST_BAD_NONE else first_bad)
+
+    # ---- the graph path (run.cuda_graphs) ---------------------------------------------------------
+    def _epoch_inputs(self, epoch: int, batches: list):
+        """The epoch's sample ids and augmentation draws of this rank's shards, moved to the device in
+        one copy each: a step then only slices device memory (no host-to-device copy per step)."""
+        gb = [len(b) for b in batches]
+        shards = [shard_range(n, self.comm.size, self.comm.rank) for n in gb]
+        ids = torch.cat([b[lo:hi] for b, (lo, hi) in zip(batches, shards)]).to(self.device)
+        off = flip = None
+        if self.augment is not None:
+            draws = [self.augment.draws(epoch, s, n) for s, n in enumerate(gb)]
+            off = torch.cat([o[lo:hi] for (o, _), (lo, hi) in zip(draws, shards)]).to(self.device)
+            flip = torch.cat([f[lo:hi] for (_, f), (lo, hi) in zip(draws, shards)]).to(self.device)
+        return gb, shards, ids, off, flip
+
+    def _state(self, acc):
+        """What a step updates in place (restored after the warm-up runs before a capture)."""
+        return (list(self.model.parameters()) + list(self.model.buffers()) + self.sgd.buffers()
+                + [self.bucket.flat] + list(acc))
+
+    def _make_step(self, rows: int, gb: int, acc):
+        """The captured step of `rows` local samples out of a global batch of gb: (inputs, step(s))."""
+        dev = self.device
+        ins = {"ids": torch.zeros(rows, dtype=torch.int64, device=dev)}
+        if self.augment is not None:
+            ins["off"] = torch.zeros(rows, 2, dtype=torch.int64, device=dev)
+            ins["flip"] = torch.zeros(rows, dtype=torch.bool, device=dev)
+        totals, bad, count = acc
+        single = self.comm.size == 1
+
+        def fwd_bwd():
+            self.bucket.zero()
+            if rows == 0:  # more ranks than samples in a last partial batch: a zero contribution
+                return update() if single else ()
+            x, y = self.data.train_batch(ins["ids"])
+            if self.augment is not None:
+                x = self.augment.apply(x, ins["off"], ins["flip"])
+            out = self.model(x)
+            loss = F.cross_entropy(out, y, reduction="sum")
+            (loss / gb).backward()
+            self.bucket.extra[0] = loss.detach()
+            self.bucket.extra[1] = (out.detach().argmax(1) == y).sum()
+            if single:
+                update()
+            return ()
+
+        def update():
+            self.sgd()
+            totals.add_(self.bucket.extra)
+            bad.copy_(torch.where(torch.isfinite(self.bucket.extra[0]), bad, torch.minimum(bad, count)))
+            count.add_(1)
+            return ()
+
+        state = lambda: self._state(acc)  # noqa: E731
+        return ins, self.graphs.step(fwd_bwd, state), None if single else self.graphs.step(update, state)
+
+    def _train_epoch_graphed(self, epoch: int, lr_fn, on_step) -> PhaseStats:
+        """The same step as the eager loop, each one a replay: inputs are sliced from device buffers
+        made once per epoch, the learning rate is a device scalar, and nothing reads the device until
+        the epoch ends (one host sync per step remains where the gradients go to MPI by host staging)."""
+        batches = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
+        self.graphs.validate(self._state(()))
+        if not hasattr(self, "_acc"):
+            self._acc = (torch.zeros(GradBucket.EXTRA, dtype=torch.float64, device=self.device),
+                         torch.zeros((), dtype=torch.int64, device=self.device),
+                         torch.zeros((), dtype=torch.int64, device=self.device))
+        totals, bad, count = self._acc
+        totals.zero_()
+        bad.fill_(FIRST_BAD_NONE)
+        count.zero_()
+        gb, shards, ids, off, flip = self._epoch_inputs(epoch, batches)
+        samples, pos = 0, 0
+        t0 = time.perf_counter()
+        comm0 = self.comm.counters.comm_seconds
+        for step, (n, (lo, hi)) in enumerate(zip(gb, shards)):
+            rows = hi - lo
+            ins, first, second = self.graphs.get((rows, n), lambda r=rows, g=n: self._make_step(r, g, self._acc))
+            self.sgd.set_lr(lr_fn(epoch + step / len(batches)))
+            ins["ids"].copy_(ids[pos:pos + rows])
+            if off is not None:
+                ins["off"].copy_(off[pos:pos + rows])
+                ins["flip"].copy_(flip[pos:pos + rows])
+            pos += rows
+            first()
+            if second is not None:
+                self.comm.allreduce_(self.bucket.flat, key="grads")
+                second()
+            samples += n
+            if on_step is not None:
+                on_step(step + 1, len(batches), lambda s=samples: float(totals[0]) / max(s, 1))
+        sync_device(self.device)
+        compute = time.perf_counter() - t0 - (self.comm.counters.comm_seconds - comm0)
+        return self._finish(totals, bad, len(batches), samples, compute)
 
     def sync_buffers(self):
         """Average BatchNorm running statistics over ranks once per epoch, so every rank holds the

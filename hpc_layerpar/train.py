@@ -98,7 +98,7 @@ def make_parallel_engine(ctx: RunContext, method: str):
           "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard}
     if cfg.parallel.coupling == "pipeline":
         return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
-                              augment=ctx.augment, **kw)
+                              augment=ctx.augment, graphs=ctx.serial.graphs.mode, **kw)
     return ParallelEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel, **kw)
 
 

@@ -7,9 +7,22 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from hpc_layerpar.comm import Comm
 from hpc_layerpar.dataformat import write_dataset
+
+# HPL_TEST_DEVICE=cuda runs the equality tests (engine vs reference, simulator vs MPI, graphs vs eager)
+# on the GPU; CPU is the default. On a GPU the references and the engines meet up to summation order
+# (atomics in cuDNN's backward kernels): TOL scales the CPU tolerances. TF32 is off so that float32
+# means float32 on both sides.
+DEVICE = torch.device(os.environ.get("HPL_TEST_DEVICE", "cpu"))
+TOL = 1.0 if DEVICE.type == "cpu" else 20.0
+if DEVICE.type == "cuda":
+    if not torch.cuda.is_available():
+        raise RuntimeError("HPL_TEST_DEVICE=cuda but this torch sees no CUDA device; unset it to test on CPU.")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)

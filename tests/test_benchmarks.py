@@ -1,5 +1,6 @@
 """The benchmark scripts' file interfaces (their figures are measurements, not tested here)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -27,3 +28,18 @@ def test_scaling_projects_from_saved_costs_as_from_measured_ones(tmp_path):
     c = subprocess.run(base[:3] + ["resnet56", "--costs", str(tmp_path / "c.json")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert c.returncode != 0 and "no costs for ['resnet56']" in c.stderr
+
+
+def test_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
+    """benchmarks/gpu.py's own code path (loops, engine steps, stages alone, projections, JSON) as a CPU
+    smoke run with emulated graphs; its figures mean something only on a GPU."""
+    out = tmp_path / "g.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--device", "cpu", "--steps", "1",
+                        "--batch", "16", "--models", "resnet8-tiny", "--stage-models", "resnet8-tiny", "--ks", "2",
+                        "--json", str(out), "--save-costs", str(tmp_path / "c.json")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["models"]["resnet8-tiny"]
+    assert r["engine_graph_bf16"] > 0 and len(r["stages"]["2"]["engine_ms"]) == 2
+    costs = json.loads((tmp_path / "c.json").read_text())["models"]["resnet8-tiny"]
+    assert len(costs["element_seconds"]) == 5 and "| 2 |" in p.stdout

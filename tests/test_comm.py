@@ -6,7 +6,7 @@ import torch
 from hpc_layerpar.comm import Comm, Topology
 from hpc_layerpar.errors import ConfigError
 
-from conftest import assert_all
+from conftest import DEVICE, assert_all
 
 pytestmark = pytest.mark.mpi
 
@@ -26,12 +26,14 @@ def test_ring_exchange_delivers_each_neighbours_tensor_and_counts_bytes(comm, dt
     """Every rank sends its rank-stamped tensor to the next and receives the previous one's
     (PROC_NULL at the chain ends: nothing arrives, nothing is counted)."""
     prev, nxt = comm.neighbours()
-    mine = (torch.arange(12) + 100 * comm.rank).to(dtype).reshape(3, 4)
-    got = torch.full((3, 4), -1).to(dtype)
+    # on a GPU (HPL_TEST_DEVICE=cuda) the tensors live there: the staged path copies on a side stream
+    mine = (torch.arange(12) + 100 * comm.rank).to(dtype).reshape(3, 4).to(DEVICE)
+    got = torch.full((3, 4), -1).to(dtype).to(DEVICE)
     r = comm.irecv(got, prev, tag=7, key="t")
     s = comm.isend(mine, nxt, tag=7, key="t")
     r.wait()
     s.wait()
+    got = got.cpu()
     first, last = comm.rank == 0, comm.rank == comm.size - 1
     expect = torch.full((3, 4), -1).to(dtype) if first \
         else (torch.arange(12) + 100 * (comm.rank - 1)).to(dtype).reshape(3, 4)
@@ -45,12 +47,13 @@ def test_messages_between_two_ranks_arrive_in_order_on_reused_tags(comm):
     """The channels reuse tags modulo a range: MPI's non-overtaking rule keeps them matched."""
     prev, nxt = comm.neighbours()
     n = 6
-    outs = [torch.full((5,), float(comm.rank * 10 + i)) for i in range(n)]
-    ins = [torch.zeros(5) for _ in range(n)]
+    outs = [torch.full((5,), float(comm.rank * 10 + i), device=DEVICE) for i in range(n)]
+    ins = [torch.zeros(5, device=DEVICE) for _ in range(n)]
     reqs = [comm.irecv(ins[i], prev, tag=i % 2, key=("in", i)) for i in range(n)]
     reqs += [comm.isend(outs[i], nxt, tag=i % 2, key=("out", i)) for i in range(n)]
     for q in reqs:
         q.wait()
+    ins = [t.cpu() for t in ins]
     ok = comm.rank == 0 or all(torch.equal(ins[i], torch.full((5,), float((comm.rank - 1) * 10 + i)))
                                for i in range(n))
     assert_all(comm, ok, f"rank {comm.rank}: {[float(t[0]) for t in ins]}")

@@ -1,0 +1,411 @@
+"""One command, one run on one GPU: how this engine's steps compare with the best single-GPU loop, and
+what K GPUs would gain.
+
+    python benchmarks/gpu.py [--models resnet20-mnist,resnet56] [--ks 2,4,8] [--steps 60]
+                             [--json OUT.json] [--save-costs COSTS.json] [--share 2 --data data/mnist.h5]
+
+Per model, at batch 128, ms per training step (wall clock over --steps steps, after warm-up):
+  eager fp32          a plain PyTorch loop (gather, forward, cross-entropy, backward, SGD)
+  graph fp32 / bf16   the same step captured whole in one CUDA graph (bf16: autocast, channels_last):
+                      the single-GPU limit a user would pick instead of this engine
+  engine eager fp32   this engine's serial step, run.cuda_graphs=off, run.precision=fp32
+  engine graph bf16   this engine's serial step as a run makes it (cuda_graphs auto, bf16, channels_last)
+Then, at each K, the stages of a block-count split, each timed alone as if on its own GPU (bf16):
+  engine stage step   one global batch of the pipeline coupling as the engine issues it (M micro-batches
+                      of F and B replays, their static-buffer copies, the outbox copies, the optimizer
+                      step), messages not sent
+  captured twin       the same arithmetic captured as one graph with no host work in between
+and the message bytes per step. From these: rho of the parallel phase and of data parallelism
+(the whole network captured at batch 128/K plus a ring allreduce), projected for NVLink and InfiniBand
+HDR, both from the measured steps directly and from the scaling model (hpc_layerpar/scaling.py) fed
+with per-element costs timed as captured bf16 graphs (--save-costs writes them for
+`benchmarks/scaling.py --costs`). --share K also trains one epoch of --data with K ranks sharing this
+GPU (penalty) against one rank (serial), through the CLI, and prints that measured rho."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from hpc_layerpar import scaling as S  # noqa: E402
+from hpc_layerpar.comm import Comm  # noqa: E402
+from hpc_layerpar.config import OptimConfig, ParallelConfig  # noqa: E402
+from hpc_layerpar.data import DeviceDataset  # noqa: E402
+from hpc_layerpar.dataformat import write_dataset  # noqa: E402
+from hpc_layerpar.models import build_model, count_parameters, place_model  # noqa: E402
+from hpc_layerpar.partition import balanced_partition  # noqa: E402
+from hpc_layerpar.pipeline import PipelineEngine, _Epoch  # noqa: E402
+from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
+from hpc_layerpar.stats import EpochSums  # noqa: E402
+
+MODELS = {"resnet20-mnist": (20, 1, 28, 10), "resnet56": (56, 3, 32, 10), "resnet110": (110, 3, 32, 10),
+          "resnet8-tiny": (8, 1, 8, 4)}  # the last: the CPU smoke test of this script
+OPT = OptimConfig(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+BATCH = 128
+DEV = torch.device("cuda")  # --device cpu: a smoke run of the same code, graphs emulated (no timing value)
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def wall_ms(fn, steps: int, warm: int = 3) -> float:
+    """ms per call of fn, wall clock between device syncs (host overheads count, as in a run)."""
+    for _ in range(warm):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync()
+    return 1e3 * (time.perf_counter() - t0) / steps
+
+
+def synthetic(tmp: str, c: int, h: int, classes: int, n: int) -> str:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(n, c, h, h), dtype=np.uint8)
+    y = rng.integers(0, classes, size=n).astype(np.int64)
+    return write_dataset(os.path.join(tmp, f"bench-{c}x{h}.h5"), name="synthetic", train=(x, y),
+                         test=(x[:256], y[:256]), num_classes=classes, source="benchmarks/gpu.py", hflip=False)
+
+
+def new_model(depth, c, h, classes, *, precision="fp32", placed=True):
+    torch.manual_seed(0)
+    m = build_model("resnet", depth, in_channels=c, image_size=h, num_classes=classes)
+    return place_model(m, DEV, precision) if placed else m.to(DEV)
+
+
+class _Uncaptured:
+    """What capture() returns off CUDA: replay() runs the function."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def capture(fn, warm: int = 3):
+    """The PyTorch whole-network recipe: warm up on a side stream, capture, return the graph."""
+    if DEV.type != "cuda":
+        fn()
+        return _Uncaptured(fn)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+# ---- the single-GPU loops -------------------------------------------------------------------
+def plain_loop(data, depth, c, h, classes, steps, *, graph: bool, bf16: bool, batch: int = 0) -> float:
+    """ms per step of the best plain PyTorch loop: eager fp32, or one captured graph per step
+    (batch: BATCH unless given)."""
+    batch = batch or BATCH
+    model = new_model(depth, c, h, classes, placed=bf16)
+    if not bf16:
+        model.channels_last = False
+    opt = torch.optim.SGD(model.parameters(), lr=OPT.lr, momentum=OPT.momentum, nesterov=True,
+                          weight_decay=OPT.weight_decay)
+    ids = torch.randint(0, data.n_train, (batch,), device=DEV)
+    pool = torch.randint(0, data.n_train, (steps + 8, batch), device=DEV)
+
+    def step():
+        x, y = data.train_batch(ids)
+        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model.elements[0](x.contiguous(memory_format=torch.channels_last) if bf16 else x)
+            for el in model.elements[1:]:
+                out = el(out)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=not graph)
+        loss.backward()
+        opt.step()
+
+    it = iter(range(10**9))
+    if not graph:
+        return wall_ms(lambda: (ids.copy_(pool[next(it) % len(pool)]), step()), steps)
+    g = capture(step)
+    return wall_ms(lambda: (ids.copy_(pool[next(it) % len(pool)]), g.replay()), steps)
+
+
+def engine_serial(path, depth, c, h, classes, steps, *, graphs: str, precision: str) -> float:
+    """ms per step of SerialEngine over an epoch of `steps` steps (after one epoch that captures)."""
+    data = DeviceDataset(path, DEV, verify=False)
+    model = new_model(depth, c, h, classes, precision=precision, placed=True)
+    solo = Comm.self_()
+    eng = SerialEngine(model, make_optimizer(model, OPT), solo, data, None, batch_size=BATCH, drop_last=True,
+                       seed=0, graphs=graphs)
+    eng.train_epoch(0, lambda t: OPT.lr)
+    sync()
+    t0 = time.perf_counter()
+    st = eng.train_epoch(1, lambda t: OPT.lr * (1 - 0.01 * t))
+    sync()
+    ms = 1e3 * (time.perf_counter() - t0) / st.steps
+    solo.free()
+    return ms
+
+
+# ---- one stage alone -------------------------------------------------------------------------
+class _Alone:
+    """Rank k of K for a stage timed alone: the engine's channels need neighbour ranks to name, and
+    this benchmark sends nothing (Channel.send is not called)."""
+
+    def __init__(self, k, K):
+        self.rank, self.size = k, K
+
+    def neighbours(self):
+        return self.rank - 1, self.rank + 1
+
+
+def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps):
+    """(engine ms per global-batch step, twin ms, bytes per step sent by this stage)."""
+    K = len(ranges)
+    model = new_model(depth, c, h, classes, precision="bf16")
+    eng = PipelineEngine(model, make_optimizer(model, OPT), _Alone(k, K), data, ranges, ParallelConfig(),
+                         method="penalty", batch_size=BATCH, drop_last=True, seed=0, graphs=GRAPHS())
+    M, n = eng.M, eng.micro
+    mbs = eng.micro_batches(0)
+    ep = _Epoch(epoch=0, lr_fn=lambda t: OPT.lr, beta=1.0, mbs=mbs, nb=len(mbs) // M, sums=EpochSums(DEV),
+                last_group=set())
+    for p in model.parameters():
+        p.grad = None
+    eng.bucket.attach()
+    eng.bucket.zero()
+    eng.graphs.validate(eng._state())
+    eng.beta_t.fill_(1.0)
+    ep.dev = eng._epoch_inputs(0, mbs)
+    g = torch.Generator(device=DEV).manual_seed(k)
+    a = None if eng.first else torch.randn((n,) + tuple(eng.in_shape), device=DEV, generator=g)
+    if not eng.last:
+        p_in = 1e-3 * torch.randn((n,) + tuple(eng.out_shape), device=DEV, generator=g)
+        anchor = torch.randn((n,) + tuple(eng.out_shape), device=DEV, generator=g)
+        outbox = torch.empty_like(anchor)
+    inbox = None if eng.first else torch.empty_like(a)
+    it = iter(range(10**9))
+
+    def step():
+        base = (next(it) % max(len(mbs) // M, 1)) * M
+        for i in range(M):
+            j = base + i
+            if not eng.last:
+                d = eng._replay("F", ep, j, n, a=a)[0]
+                outbox.copy_(d)
+                d.clone()  # the anchor kept for B (as _forward)
+                loss, res, adj = eng._replay("B", ep, j, n, a=a, p=p_in, anchor=anchor)
+                ep.sums.add_residual(res, n)
+            else:
+                loss, correct, adj = eng._replay("B", ep, j, n, a=a)
+                ep.sums.add_ce(loss, correct, n)
+            ep.sums.add_local(loss, n, j)
+            if adj is not None:
+                inbox.copy_(adj)
+        eng.sgd.set_lr(OPT.lr)
+        eng._replay("S", ep, None, 0)
+
+    ms = wall_ms(step, steps)
+    sent = eng.bytes_per_epoch(BATCH, 4)
+    twin = stage_twin_ms(depth, c, h, classes, eng, steps)
+    return ms, twin, sent
+
+
+def stage_twin_ms(depth, c, h, classes, eng, steps) -> float:
+    """The stage's step as one captured graph of plain PyTorch: the lower bound for the engine."""
+    model = new_model(depth, c, h, classes, precision="bf16")
+    start, end, M, n = eng.start, eng.end, eng.M, eng.micro
+    params = [p for el in model.elements[start:end] for p in el.parameters()]
+    opt = torch.optim.SGD(params, lr=OPT.lr, momentum=OPT.momentum, nesterov=True, weight_decay=OPT.weight_decay)
+    x_in = torch.randn((n,) + tuple(model.shapes[start]), device=DEV)
+    y = torch.randint(0, classes, (n,), device=DEV)
+    numel = 1 if eng.last else int(torch.Size(eng.out_shape).numel())
+    p_in = 1e-3 * torch.randn((n,) + tuple(eng.out_shape or ()), device=DEV) if not eng.last else None
+    anchor = torch.randn_like(p_in) if p_in is not None else None
+
+    def step():
+        for _ in range(M):
+            if not eng.last:
+                with torch.no_grad():
+                    model(x_in, start, end)
+            leaf = x_in.detach().requires_grad_(start > 0)
+            u = model(leaf, start, end)
+            if eng.last:
+                loss = F.cross_entropy(u, y)
+            else:
+                diff = u - anchor
+                loss = (p_in * u).sum() / n + (0.5 / numel) * diff.pow(2).sum() / n
+            (loss / M).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()  # creates .grad and the momentum buffers outside the graph's pool
+    g = capture(step)
+    return wall_ms(g.replay, steps)
+
+
+# ---- per-element costs for the scaling model -------------------------------------------------
+def element_costs_graph(depth, c, h, classes) -> list:
+    """Seconds of forward + backward of each element at batch 128, captured as a bf16 graph each."""
+    model = new_model(depth, c, h, classes, precision="bf16")
+    x = torch.randn((BATCH, c, h, h), device=DEV)
+    inputs = [x]
+    with torch.no_grad():
+        for i in range(len(model) - 1):
+            inputs.append(model(inputs[-1], i, i + 1))
+    out = []
+    for i in range(len(model)):
+        xi = inputs[i].detach().requires_grad_(i > 0)
+
+        def fb(i=i, xi=xi):
+            model(xi, i, i + 1).square().mean().backward()
+
+        g = capture(fb)
+        out.append(wall_ms(g.replay, 30) / 1e3)
+    return out
+
+
+def GRAPHS() -> str:
+    """The engines' graph mode here: captured on CUDA, emulated in a CPU smoke run."""
+    return "cuda" if DEV.type == "cuda" else "emulate"
+
+
+def allreduce_s(nbytes, k, net) -> float:
+    return 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
+
+
+def share(k: int, path: str, out: str) -> dict:
+    """One epoch of `path`: one rank serial against k ranks (penalty) on this one GPU, through the CLI."""
+    from hpc_layerpar.metrics import read_metrics
+
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    mpiexec = mpiexec if os.path.exists(mpiexec) else os.environ.get("MPIEXEC", "mpiexec")
+    secs = {}
+    for label, n, preset, phases in (("serial", 1, "mnist-resnet-serial", "serial:2"),
+                                     ("penalty", k, "mnist-resnet-penalty", "penalty:2")):
+        name = f"share-{label}-{n}"
+        cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train",
+               "--preset", preset, "--set", f"data.path={path}", "--set", f"train.phases={phases}",
+               "--set", "train.eval_every=100", "--set", "optim.warmup_epochs=0", "--set", f"run.out_dir={out}",
+               "--set", f"run.name={name}", "--set", "run.device=cuda", "--set", "run.precision=bf16"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+        if p.returncode != 0:
+            raise SystemExit(f"--share: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+        files = sorted(f for f in os.listdir(out) if f.startswith(name) and f.endswith(".h5"))
+        cols = read_metrics(os.path.join(out, files[-1]))["columns"]
+        secs[label] = float(np.min(cols["epoch_seconds"]))  # the second epoch: no capture in it
+    return {"ranks": k, "serial_epoch_s": secs["serial"], "penalty_epoch_s": secs["penalty"],
+            "rho": secs["serial"] / secs["penalty"]}
+
+
+def main():
+    global DEV, BATCH
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="resnet20-mnist,resnet56")
+    ap.add_argument("--ks", default="2,4,8")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--stage-models", default="resnet56", help="models whose stages are timed at each K")
+    ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--save-costs", help="per-element captured-bf16 costs, for benchmarks/scaling.py --costs")
+    ap.add_argument("--share", type=int, default=0, help="K ranks sharing this GPU on --data (0: skip)")
+    ap.add_argument("--data", default=os.path.join(ROOT, "data", "mnist.h5"))
+    ap.add_argument("--batch", type=int, default=BATCH)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only as a smoke test of this script")
+    a = ap.parse_args()
+    DEV, BATCH = torch.device(a.device), a.batch
+    if DEV.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks/gpu.py needs a CUDA device (this torch sees none); --device cpu only "
+                         "checks that the script runs.")
+    torch.backends.cudnn.benchmark = True
+    ks = [int(k) for k in a.ks.split(",")]
+    res = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu (smoke run)",
+           "torch": torch.__version__, "batch": BATCH, "models": {}}
+    print(f"# {res['device']}, torch {torch.__version__}, batch {BATCH}, {a.steps} timed steps per figure")
+    tmp = tempfile.mkdtemp()
+    costs_out = {}
+    for name in a.models.split(","):
+        depth, c, h, classes = MODELS[name]
+        path = synthetic(tmp, c, h, classes, BATCH * a.steps)
+        data = DeviceDataset(path, DEV, verify=False)
+        r = {}
+        r["eager_fp32"] = plain_loop(data, depth, c, h, classes, a.steps, graph=False, bf16=False)
+        r["graph_fp32"] = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=False)
+        r["graph_bf16"] = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True)
+        r["engine_eager_fp32"] = engine_serial(path, depth, c, h, classes, a.steps, graphs="off", precision="fp32")
+        r["engine_graph_bf16"] = engine_serial(path, depth, c, h, classes, a.steps, graphs=GRAPHS(),
+                                               precision="bf16")
+        r["engine_vs_graph_bf16"] = r["engine_graph_bf16"] / r["graph_bf16"]
+        print(f"\n## {name} ({c}x{h}x{h}), ms per step")
+        print("| eager fp32 | graph fp32 | graph bf16 (limit) | engine eager fp32 | engine graph bf16 "
+              "| engine / limit |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print(f"| {r['eager_fp32']:.2f} | {r['graph_fp32']:.2f} | {r['graph_bf16']:.2f} | "
+              f"{r['engine_eager_fp32']:.2f} | {r['engine_graph_bf16']:.2f} | {r['engine_vs_graph_bf16']:.2f} |",
+              flush=True)
+        if name in a.stage_models.split(","):
+            model = new_model(depth, c, h, classes)
+            n_el, params = len(model), count_parameters(model)
+            numel = [int(torch.Size(s).numel()) for s in model.shapes]
+            t1 = r["graph_bf16"] / 1e3
+            el = element_costs_graph(depth, c, h, classes)
+            costs_out[name] = {"element_seconds": el, "boundary_numel": numel, "parameters": params,
+                               "batch": BATCH, "device": f"{res['device']} captured bf16"}
+            smodel = S.Model(name, el, numel, params, BATCH)
+            r["stages"] = {}
+            print(f"\n### {name}: stages alone (bf16, graphs), split by block count; T1 = graph bf16 loop")
+            print("| K | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
+                  "rho compute | DP at 128/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
+                  "| model NVLink par / DP |")
+            print("| --- | " + " | ".join("---" for _ in range(10)) + " |")
+            for k in ks:
+                ranges = balanced_partition([1] * n_el, k)
+                rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps) for s in range(k)]
+                eng_ms = [x[0] for x in rows]
+                twin_ms = [x[1] for x in rows]
+                sent = [x[2] for x in rows]
+                dp_ms = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True, batch=BATCH // k)
+                proj = {}
+                for key, net in (("nvlink", S.PRESETS["nvlink"]), ("ib-hdr", S.PRESETS["ib-hdr"])):
+                    M = 4
+                    comm = [2 * M * net.latency_s + b / net.bandwidth for b in sent]
+                    tp = max(max(e / 1e3, cm) for e, cm in zip(eng_ms, comm))
+                    td = dp_ms / 1e3 + allreduce_s(4 * params, k, net)
+                    proj[key] = (t1 / tp, t1 / td, S.rho_parallel(smodel, k, net), S.rho_dataparallel(smodel, k, net))
+                r["stages"][k] = {"ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms, "bytes_per_step": sent,
+                                  "dp_ms": dp_ms, "projected": proj}
+                ratio = max(e / t for e, t in zip(eng_ms, twin_ms))
+                print(f"| {k} | {' / '.join(f'{x:.2f}' for x in eng_ms)} | {' / '.join(f'{x:.2f}' for x in twin_ms)} | "
+                      f"{ratio:.2f} | {max(sent) / 1e6:.2f} | {t1 * 1e3 / max(eng_ms):.2f} | {dp_ms:.2f} | "
+                      f"{r['graph_bf16'] / dp_ms:.2f} | {proj['nvlink'][0]:.2f} / {proj['nvlink'][1]:.2f} | "
+                      f"{proj['ib-hdr'][0]:.2f} / {proj['ib-hdr'][1]:.2f} | "
+                      f"{proj['nvlink'][2]:.2f} / {proj['nvlink'][3]:.2f} |", flush=True)
+        res["models"][name] = r
+    if a.share:
+        if not os.path.exists(a.data):
+            raise SystemExit(f"--share needs --data {a.data}: python -m data_prep mnist --download first")
+        sh = share(a.share, a.data, tmp)
+        res["share"] = sh
+        print(f"\n## {a.share} ranks sharing this GPU, one epoch of {os.path.basename(a.data)} (bf16): serial "
+              f"{sh['serial_epoch_s']:.2f} s, penalty {sh['penalty_epoch_s']:.2f} s, rho {sh['rho']:.2f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    if a.save_costs and costs_out:
+        with open(a.save_costs, "w") as fh:
+            json.dump({"models": costs_out}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
