@@ -172,11 +172,13 @@ class _Alone:
         return self.rank - 1, self.rank + 1
 
 
-def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps):
-    """(engine ms per global-batch step, twin ms, bytes per step sent by this stage)."""
+def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps, micro=0):
+    """(engine ms per global-batch step, twin ms, bytes per step sent by this stage); micro: the
+    pipeline's M (0: parallel.micro_batches=auto)."""
     K = len(ranges)
     model = new_model(depth, c, h, classes, precision="bf16")
-    eng = PipelineEngine(model, make_optimizer(model, OPT), _Alone(k, K), data, ranges, ParallelConfig(),
+    eng = PipelineEngine(model, make_optimizer(model, OPT), _Alone(k, K), data, ranges,
+                         ParallelConfig(micro_batches=micro),
                          method="penalty", batch_size=BATCH, drop_last=True, seed=0, graphs=GRAPHS())
     M, n = eng.M, eng.micro
     mbs = eng.micro_batches(0)
@@ -186,6 +188,8 @@ def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps):
         p.grad = None
     eng.bucket.attach()
     eng.bucket.zero()
+    eng.sums.reset()
+    ep.sums = eng.sums
     eng.graphs.validate(eng._state())
     eng.beta_t.fill_(1.0)
     ep.dev = eng._epoch_inputs(0, mbs)
@@ -198,20 +202,18 @@ def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps):
     inbox = None if eng.first else torch.empty_like(a)
     it = iter(range(10**9))
 
-    def step():
+    def step():  # as PipelineEngine._forward / _backward_graphed / _step issue it, messages not sent
         base = (next(it) % max(len(mbs) // M, 1)) * M
         for i in range(M):
             j = base + i
             if not eng.last:
                 d = eng._replay("F", ep, j, n, a=a)[0]
                 outbox.copy_(d)
-                d.clone()  # the anchor kept for B (as _forward)
-                loss, res, adj = eng._replay("B", ep, j, n, a=a, p=p_in, anchor=anchor)
-                ep.sums.add_residual(res, n)
+                d.clone()  # the anchor kept for B
+                (adj,) = eng._replay("B", ep, j, n, a=a, p=p_in, anchor=anchor)
             else:
-                loss, correct, adj = eng._replay("B", ep, j, n, a=a)
-                ep.sums.add_ce(loss, correct, n)
-            ep.sums.add_local(loss, n, j)
+                (adj,) = eng._replay("B", ep, j, n, a=a)
+            ep.sums.count(n, residual=not eng.last, ce=eng.last)
             if adj is not None:
                 inbox.copy_(adj)
         eng.sgd.set_lr(OPT.lr)
@@ -317,6 +319,7 @@ def main():
     ap.add_argument("--ks", default="2,4,8")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--stage-models", default="resnet56", help="models whose stages are timed at each K")
+    ap.add_argument("--micro", default="0,1", help="the pipeline's micro-batches per step to time (0: auto)")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--save-costs", help="per-element captured-bf16 costs, for benchmarks/scaling.py --costs")
     ap.add_argument("--share", type=int, default=0, help="K ranks sharing this GPU on --data (0: skip)")
@@ -364,33 +367,38 @@ def main():
                                "batch": BATCH, "device": f"{res['device']} captured bf16"}
             smodel = S.Model(name, el, numel, params, BATCH)
             r["stages"] = {}
-            print(f"\n### {name}: stages alone (bf16, graphs), split by block count; T1 = graph bf16 loop")
-            print("| K | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
-                  "rho compute | DP at 128/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
-                  "| model NVLink par / DP |")
-            print("| --- | " + " | ".join("---" for _ in range(10)) + " |")
-            for k in ks:
-                ranges = balanced_partition([1] * n_el, k)
-                rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps) for s in range(k)]
-                eng_ms = [x[0] for x in rows]
-                twin_ms = [x[1] for x in rows]
-                sent = [x[2] for x in rows]
-                dp_ms = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True, batch=BATCH // k)
-                proj = {}
-                for key, net in (("nvlink", S.PRESETS["nvlink"]), ("ib-hdr", S.PRESETS["ib-hdr"])):
-                    M = 4
-                    comm = [2 * M * net.latency_s + b / net.bandwidth for b in sent]
-                    tp = max(max(e / 1e3, cm) for e, cm in zip(eng_ms, comm))
-                    td = dp_ms / 1e3 + allreduce_s(4 * params, k, net)
-                    proj[key] = (t1 / tp, t1 / td, S.rho_parallel(smodel, k, net), S.rho_dataparallel(smodel, k, net))
-                r["stages"][k] = {"ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms, "bytes_per_step": sent,
-                                  "dp_ms": dp_ms, "projected": proj}
-                ratio = max(e / t for e, t in zip(eng_ms, twin_ms))
-                print(f"| {k} | {' / '.join(f'{x:.2f}' for x in eng_ms)} | {' / '.join(f'{x:.2f}' for x in twin_ms)} | "
-                      f"{ratio:.2f} | {max(sent) / 1e6:.2f} | {t1 * 1e3 / max(eng_ms):.2f} | {dp_ms:.2f} | "
-                      f"{r['graph_bf16'] / dp_ms:.2f} | {proj['nvlink'][0]:.2f} / {proj['nvlink'][1]:.2f} | "
-                      f"{proj['ib-hdr'][0]:.2f} / {proj['ib-hdr'][1]:.2f} | "
-                      f"{proj['nvlink'][2]:.2f} / {proj['nvlink'][3]:.2f} |", flush=True)
+            for micro in [int(x) for x in a.micro.split(",")]:
+                mlabel = "auto" if micro == 0 else str(micro)
+                print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, split by block count; "
+                      "T1 = graph bf16 loop")
+                print("| K | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
+                      "rho compute | DP at batch/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
+                      "| model NVLink par / DP |")
+                print("| --- | " + " | ".join("---" for _ in range(10)) + " |")
+                for k in ks:
+                    ranges = balanced_partition([1] * n_el, k)
+                    rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, micro) for s in range(k)]
+                    eng_ms = [x[0] for x in rows]
+                    twin_ms = [x[1] for x in rows]
+                    sent = [x[2] for x in rows]
+                    dp_ms = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True, batch=BATCH // k)
+                    proj = {}
+                    for key, net in (("nvlink", S.PRESETS["nvlink"]), ("ib-hdr", S.PRESETS["ib-hdr"])):
+                        m_used = micro or 4
+                        comm = [2 * m_used * net.latency_s + b / net.bandwidth for b in sent]
+                        tp = max(max(e / 1e3, cm) for e, cm in zip(eng_ms, comm))
+                        td = dp_ms / 1e3 + allreduce_s(4 * params, k, net)
+                        proj[key] = (t1 / tp, t1 / td, S.rho_parallel(smodel, k, net, micro=m_used),
+                                     S.rho_dataparallel(smodel, k, net))
+                    r["stages"][f"{k}/{mlabel}"] = {"ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms,
+                                                    "bytes_per_step": sent, "dp_ms": dp_ms, "projected": proj}
+                    ratio = max(e / t for e, t in zip(eng_ms, twin_ms))
+                    print(f"| {k} | {' / '.join(f'{x:.2f}' for x in eng_ms)} | "
+                          f"{' / '.join(f'{x:.2f}' for x in twin_ms)} | {ratio:.2f} | {max(sent) / 1e6:.2f} | "
+                          f"{t1 * 1e3 / max(eng_ms):.2f} | {dp_ms:.2f} | {r['graph_bf16'] / dp_ms:.2f} | "
+                          f"{proj['nvlink'][0]:.2f} / {proj['nvlink'][1]:.2f} | "
+                          f"{proj['ib-hdr'][0]:.2f} / {proj['ib-hdr'][1]:.2f} | "
+                          f"{proj['nvlink'][2]:.2f} / {proj['nvlink'][3]:.2f} |", flush=True)
         res["models"][name] = r
     if a.share:
         if not os.path.exists(a.data):

@@ -54,7 +54,7 @@ def probe(model, ranges, comm, data, filt, engine) -> tuple[float, float]:
         u = model(leaf, start, end)
         if k < K - 1:
             comm.isend(u.detach().contiguous(), nxt, tag=TAG_FWD, key="probe-u").wait()
-            g = torch.empty_like(u)
+            g = torch.empty(u.shape, dtype=u.dtype, device=u.device)  # contiguous (u may be channels_last)
             comm.irecv(g, nxt, tag=TAG_BWD, key="probe-g").wait()
             outs, grad_out = u, g
         else:

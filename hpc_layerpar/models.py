@@ -55,7 +55,9 @@ class Head(nn.Module):
     def forward(self, x):
         """Class logits (B, classes) of the feature maps x."""
         x = F.relu(self.bn(x))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        # a mean over H x W rather than adaptive_avg_pool2d: the same average, and its backward on
+        # CUDA has a deterministic kernel (adaptive pooling's raises under run.deterministic)
+        return self.fc(x.mean(dim=(2, 3)))
 
 
 class LayerSequence(nn.Module):

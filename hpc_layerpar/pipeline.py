@@ -94,6 +94,7 @@ class PipelineEngine:
         self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 or self.graphs.enabled else None
         self.sgd = SGDUpdate(optimizer, self.params, self.device) if self.graphs.enabled else None
         self.beta_t = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.sums = EpochSums(self.device)  # graph path: accumulated inside the captured B steps
         self.steps: dict = {}  # graph path: (kind, rows) -> (static inputs, StepGraph)
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None
@@ -181,6 +182,9 @@ class PipelineEngine:
         ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=nm // self.M, sums=EpochSums(self.device),
                     last_group=set(range(max(nm - self.M, 0), nm)))  # the probe: the last global batch
         if self.graphs.enabled:
+            # the epoch sums live in the captured B steps: the same tensors every epoch
+            self.sums.reset()
+            ep.sums = self.sums
             self.graphs.validate(self._state())
             self.beta_t.fill_(beta)
             ep.dev = self._epoch_inputs(epoch, mbs)
@@ -328,7 +332,7 @@ class PipelineEngine:
     def _state(self) -> list:
         """What this stage's steps update in place (restored after the warm-up runs of a capture)."""
         bufs = [b for m in self.stage_modules for b in m.buffers(recurse=False)]
-        return self.params + bufs + self.sgd.buffers() + [self.bucket.flat]
+        return self.params + bufs + self.sgd.buffers() + [self.bucket.flat] + self.sums.state()
 
     def _epoch_inputs(self, epoch: int, mbs: list):
         """The epoch's sample ids (and rank 0's augmentation draws), on the device in one copy each,
@@ -388,14 +392,14 @@ class PipelineEngine:
                 u = self.model(x, self.start, self.end)
                 y = self.data.train_y[ins["ids"]]
                 loss = F.cross_entropy(u, y)
-                second = (u.detach().argmax(1) == y).sum()
+                self.sums.add_in_graph(loss.detach(), n, correct=(u.detach().argmax(1) == y).sum())
             else:
                 with _NoRunningStats(self.stage_modules):
                     d = self.filter.down(self.model(x, self.start, self.end))
                 loss, diff = self._objective(d, ins["p"], ins["anchor"], self.beta_t, None)
-                second = diff.detach().flatten(1).norm(dim=1).sum()
+                self.sums.add_in_graph(loss.detach(), n, residual=diff.detach().flatten(1).norm(dim=1).sum())
             (loss / self.M).backward()
-            return loss.detach(), second, None if leaf is None else leaf.grad * n
+            return (None if leaf is None else leaf.grad * n,)
 
         def step():
             if self.replicas > 1:
@@ -424,9 +428,7 @@ class PipelineEngine:
     def _backward_graphed(self, ep: "_Epoch", j: int, n: int, fwd) -> None:
         """B(j) as a replay: the same local objective, gradients and adjoint as the eager _backward."""
         if self.last:
-            a = fwd[0]
-            loss, correct, adj = self._replay("B", ep, j, n, a=a)
-            ep.sums.add_ce(loss, correct, n)
+            (adj,) = self._replay("B", ep, j, n, a=fwd[0])
         else:
             a, anchor = ep.inflight.pop(j)
             for i in range(j, min(j + AHEAD + 1, len(ep.mbs))):
@@ -435,9 +437,8 @@ class PipelineEngine:
             if j in ep.last_group:
                 ep.probe["p"].append(p.to(torch.float32, copy=True))
                 ep.probe["anchor"].append(anchor)
-            loss, res, adj = self._replay("B", ep, j, n, a=a, p=p, anchor=anchor)
-            ep.sums.add_residual(res, n)
-        ep.sums.add_local(loss, n, j)
+            (adj,) = self._replay("B", ep, j, n, a=a, p=p, anchor=anchor)
+        ep.sums.count(n, residual=not self.last, ce=self.last)  # the device-side sums are in the replay
         if adj is not None:
             self.adjoints.send(j, adj)
         if (j + 1) % self.M == 0:

@@ -33,7 +33,38 @@ class EpochSums:
     def __init__(self, device):
         self.acc = torch.zeros(6, dtype=torch.float64, device=device)
         self.bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=device)
+        self.step = torch.zeros((), dtype=torch.int64, device=device)  # for add_in_graph
         self.n = self.n_ce = self.n_res = 0
+
+    def reset(self) -> None:
+        """Start a new epoch in the same tensors (a captured CUDA graph keeps their addresses)."""
+        self.acc.zero_()
+        self.bad.fill_(FIRST_BAD_NONE)
+        self.step.zero_()
+        self.n = self.n_ce = self.n_res = 0
+
+    def state(self) -> list:
+        """The tensors add_in_graph updates in place."""
+        return [self.acc, self.bad, self.step]
+
+    def add_in_graph(self, loss, n: int, *, residual=None, correct=None) -> None:
+        """Device-side part of add_local plus add_residual or add_ce, written in place with the step
+        counted on the device, so it can live inside a captured step (the host counts go through
+        count())."""
+        self.acc[self.LOCAL] += loss * n
+        if residual is not None:
+            self.acc[self.RES] += residual
+        if correct is not None:
+            self.acc[self.CE] += loss * n
+            self.acc[self.CORRECT] += correct
+        self.bad.copy_(torch.where(torch.isfinite(loss), self.bad, torch.minimum(self.bad, self.step)))
+        self.step += 1
+
+    def count(self, n: int, *, residual: bool = False, ce: bool = False) -> None:
+        """The host-side sample counts of one add_in_graph."""
+        self.n += n
+        self.n_res += n if residual else 0
+        self.n_ce += n if ce else 0
 
     def add_local(self, loss, n: int, step: int) -> None:
         """Add a step's local loss (mean over n samples); a non-finite loss records `step` as the first bad one."""

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests marked `mpi` pass at any communicator size: under plain pytest they run
 on one rank, and `make test` runs them again under mpiexec -n 1, 2 and 3."""
+import contextlib
 import faulthandler
 import os
 import subprocess
@@ -18,7 +19,11 @@ from hpc_layerpar.dataformat import write_dataset
 # means float32 on both sides.
 DEVICE = torch.device(os.environ.get("HPL_TEST_DEVICE", "cpu"))
 TOL = 1.0 if DEVICE.type == "cpu" else 20.0
+# bfloat16 messages round to 8 bits: a last-bit difference upstream flips roundings downstream, so on a
+# GPU (summation order differs from the reference's) those comparisons meet only to bfloat16 precision.
+TOL_BF16 = 1.0 if DEVICE.type == "cpu" else 500.0
 if DEVICE.type == "cuda":
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # for the tests that ask for determinism
     if not torch.cuda.is_available():
         raise RuntimeError("HPL_TEST_DEVICE=cuda but this torch sees no CUDA device; unset it to test on CPU.")
     torch.backends.cudnn.allow_tf32 = False
@@ -89,6 +94,22 @@ def tiny_data(tmp_path_factory, world):
     path = world.bcast_obj(path)
     world.barrier()
     return path
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Bitwise-reproducible kernels for a test on a GPU (as run.deterministic sets them), undone after."""
+    if DEVICE.type != "cuda":
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, bench = True, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, bench
 
 
 def assert_all(comm, ok: bool, msg: str):

@@ -31,7 +31,8 @@ def simulate(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
     R = replicas
     sub = batch_size // R
     shards = [torch.arange(n)] if R == 1 else [replica_shard(n, R, r, seed) for r in range(R)]
-    A = [None] + [torch.zeros((n,) + filt.coarse_shape(models[0].shapes[a])) for a, _ in ranges[1:]]
+    dev = data.train_x.device
+    A = [None] + [torch.zeros((n,) + filt.coarse_shape(models[0].shapes[a]), device=dev) for a, _ in ranges[1:]]
     M = [None] + [torch.zeros_like(t) for t in A[1:]]
     # forward sweep: sequential batches, BatchNorm batch statistics, running statistics restored
     with torch.no_grad():
@@ -117,7 +118,7 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
     mb = sub // micro
     shards = [torch.arange(n)] if R == 1 else [replica_shard(n, R, r, seed) for r in range(R)]
     out_shapes = [filt.coarse_shape(models[0].shapes[b]) for _, b in ranges[:-1]]
-    M = [torch.zeros((n,) + s) if method == "al" else None for s in out_shapes] + [None]
+    M = [torch.zeros((n,) + s, device=data.train_x.device) if method == "al" else None for s in out_shapes] + [None]
 
     def rnd(t):
         return t.to(wire).to(torch.float32)

@@ -40,6 +40,6 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())["models"]["resnet8-tiny"]
-    assert r["engine_graph_bf16"] > 0 and len(r["stages"]["2"]["engine_ms"]) == 2
+    assert r["engine_graph_bf16"] > 0 and len(r["stages"]["2/auto"]["engine_ms"]) == 2
     costs = json.loads((tmp_path / "c.json").read_text())["models"]["resnet8-tiny"]
     assert len(costs["element_seconds"]) == 5 and "| 2 |" in p.stdout
