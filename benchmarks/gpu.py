@@ -42,6 +42,7 @@ sys.path.insert(0, ROOT)
 from hpc_layerpar import scaling as S  # noqa: E402
 from hpc_layerpar.comm import Comm  # noqa: E402
 from hpc_layerpar.config import OptimConfig, ParallelConfig  # noqa: E402
+from hpc_layerpar.costs import measure_costs  # noqa: E402
 from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.dataformat import write_dataset  # noqa: E402
 from hpc_layerpar.models import build_model, count_parameters, place_model  # noqa: E402
@@ -260,23 +261,10 @@ def stage_twin_ms(depth, c, h, classes, eng, steps) -> float:
 
 # ---- per-element costs for the scaling model -------------------------------------------------
 def element_costs_graph(depth, c, h, classes) -> list:
-    """Seconds of forward + backward of each element at batch 128, captured as a bf16 graph each."""
+    """Seconds of forward + backward of each element at the batch, captured as a bf16 graph each: the
+    engine's own measurement for parallel.partition=time when steps run as CUDA graphs."""
     model = new_model(depth, c, h, classes, precision="bf16")
-    x = torch.randn((BATCH, c, h, h), device=DEV)
-    inputs = [x]
-    with torch.no_grad():
-        for i in range(len(model) - 1):
-            inputs.append(model(inputs[-1], i, i + 1))
-    out = []
-    for i in range(len(model)):
-        xi = inputs[i].detach().requires_grad_(i > 0)
-
-        def fb(i=i, xi=xi):
-            model(xi, i, i + 1).square().mean().backward()
-
-        g = capture(fb)
-        out.append(wall_ms(g.replay, 30) / 1e3)
-    return out
+    return [us / 1e6 for us in measure_costs(model, BATCH, DEV, graphs=DEV.type == "cuda")]
 
 
 def GRAPHS() -> str:
@@ -288,7 +276,7 @@ def allreduce_s(nbytes, k, net) -> float:
     return 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
 
 
-def share(k: int, path: str, out: str) -> dict:
+def share(k: int, path: str, out: str, micro: int = 0) -> dict:
     """One epoch of `path`: one rank serial against k ranks (penalty) on this one GPU, through the CLI."""
     from hpc_layerpar.metrics import read_metrics
 
@@ -301,14 +289,15 @@ def share(k: int, path: str, out: str) -> dict:
         cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train",
                "--preset", preset, "--set", f"data.path={path}", "--set", f"train.phases={phases}",
                "--set", "train.eval_every=100", "--set", "optim.warmup_epochs=0", "--set", f"run.out_dir={out}",
-               "--set", f"run.name={name}", "--set", "run.device=cuda", "--set", "run.precision=bf16"]
+               "--set", f"run.name={name}", "--set", "run.device=cuda", "--set", "run.precision=bf16",
+               "--set", f"parallel.micro_batches={micro}"]
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
         if p.returncode != 0:
             raise SystemExit(f"--share: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
         files = sorted(f for f in os.listdir(out) if f.startswith(name) and f.endswith(".h5"))
         cols = read_metrics(os.path.join(out, files[-1]))["columns"]
         secs[label] = float(np.min(cols["epoch_seconds"]))  # the second epoch: no capture in it
-    return {"ranks": k, "serial_epoch_s": secs["serial"], "penalty_epoch_s": secs["penalty"],
+    return {"ranks": k, "micro_batches": micro, "serial_epoch_s": secs["serial"], "penalty_epoch_s": secs["penalty"],
             "rho": secs["serial"] / secs["penalty"]}
 
 
@@ -320,6 +309,9 @@ def main():
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--stage-models", default="resnet56", help="models whose stages are timed at each K")
     ap.add_argument("--micro", default="0,1", help="the pipeline's micro-batches per step to time (0: auto)")
+    ap.add_argument("--split", default="time", choices=["time", "blocks"],
+                    help="stage split: balanced by captured element times (as a run does), or by block count")
+    ap.add_argument("--share-micro", type=int, default=0, help="parallel.micro_batches of the --share run")
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--save-costs", help="per-element captured-bf16 costs, for benchmarks/scaling.py --costs")
     ap.add_argument("--share", type=int, default=0, help="K ranks sharing this GPU on --data (0: skip)")
@@ -367,16 +359,19 @@ def main():
                                "batch": BATCH, "device": f"{res['device']} captured bf16"}
             smodel = S.Model(name, el, numel, params, BATCH)
             r["stages"] = {}
+            # time: the engine's split (parallel.partition=time, elements timed as captured graphs);
+            # blocks: one element one unit (the split of the issue's table)
+            split_costs = [max(1, int(t * 1e6)) for t in el] if a.split == "time" else [1] * n_el
             for micro in [int(x) for x in a.micro.split(",")]:
                 mlabel = "auto" if micro == 0 else str(micro)
-                print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, split by block count; "
+                print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, split by {a.split}; "
                       "T1 = graph bf16 loop")
                 print("| K | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
                       "rho compute | DP at batch/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
                       "| model NVLink par / DP |")
                 print("| --- | " + " | ".join("---" for _ in range(10)) + " |")
                 for k in ks:
-                    ranges = balanced_partition([1] * n_el, k)
+                    ranges = balanced_partition(split_costs, k)
                     rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, micro) for s in range(k)]
                     eng_ms = [x[0] for x in rows]
                     twin_ms = [x[1] for x in rows]
@@ -403,9 +398,10 @@ def main():
     if a.share:
         if not os.path.exists(a.data):
             raise SystemExit(f"--share needs --data {a.data}: python -m data_prep mnist --download first")
-        sh = share(a.share, a.data, tmp)
+        sh = share(a.share, a.data, tmp, a.share_micro)
         res["share"] = sh
-        print(f"\n## {a.share} ranks sharing this GPU, one epoch of {os.path.basename(a.data)} (bf16): serial "
+        print(f"\n## {a.share} ranks sharing this GPU (micro-batches {a.share_micro or 'auto'}), one epoch of "
+              f"{os.path.basename(a.data)} (bf16): serial "
               f"{sh['serial_epoch_s']:.2f} s, penalty {sh['penalty_epoch_s']:.2f} s, rho {sh['rho']:.2f}")
     if a.json:
         with open(a.json, "w") as fh:

@@ -167,7 +167,8 @@ def _split(ctx: RunContext) -> None:
     if ctx.same_split:  # the split the run started with: a re-measured one could differ
         ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
     else:
-        ctx.costs = element_costs(ctx.model, pc, comm, sub_batch, ctx.device)
+        ctx.costs = element_costs(ctx.model, pc, comm, sub_batch, ctx.device,
+                                  graphs=ctx.serial.graphs.mode == "cuda")
         ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs))
     ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model))
     # The curvature guard: every rank measures its outgoing boundary on the whole network it holds

@@ -10,9 +10,14 @@ import torch
 from .buckets import sync_device
 
 
-def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4) -> list[int]:
+def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4, graphs: bool = False) -> list[int]:
     """Microseconds of forward + backward of each element at this batch size on this device (the
-    best of `reps` after one warm-up), with the input gradient every element but the stem needs.
+    best of `reps` after one warm-up), with the input gradient every element but the stem needs,
+    in the model's compute precision.
+
+    graphs: time each element as a captured CUDA graph, as the training steps run with
+    run.cuda_graphs; eager GPU timings of these small elements measure kernel-launch latency, which
+    is about the same for every element, and would split the stages by block count.
 
     Works on a copy, so the model's parameters and BatchNorm statistics are untouched. On CPUs
     the multiply-accumulate count misjudges wide-and-shallow against narrow-and-high-resolution
@@ -22,21 +27,50 @@ def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4) -
     x = torch.randn((batch_size,) + tuple(m.shapes[0]), generator=g).to(device)
     inputs = [x]
     with torch.no_grad():
-        for el in m.elements[:-1]:
-            inputs.append(el(inputs[-1]))
+        for i in range(len(m) - 1):
+            inputs.append(m(inputs[-1], i, i + 1))
     costs = []
-    for i, el in enumerate(m.elements):
+    for i in range(len(m)):
+        xi = inputs[i].detach().requires_grad_(i > 0)
+
+        def fb(i=i, xi=xi):
+            m(xi, i, i + 1).square().mean().backward()
+
+        if graphs and device.type == "cuda":
+            costs.append(_graph_us(fb, reps))
+            continue
         best = float("inf")
         for r in range(reps + 1):
-            xi = inputs[i].detach().requires_grad_(i > 0)
             sync_device(device)
             t0 = time.perf_counter()
-            el(xi).float().square().mean().backward()
+            fb()
             sync_device(device)
             if r > 0:
                 best = min(best, time.perf_counter() - t0)
         costs.append(max(1, int(best * 1e6)))
     return costs
+
+
+def _graph_us(fn, reps: int, replays: int = 20) -> int:
+    """Microseconds per replay of fn captured as a CUDA graph (best of reps batches of replays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        best = min(best, (time.perf_counter() - t0) / replays)
+    return max(1, int(best * 1e6))
 
 
 def parse_cuts(text: str, n_elements: int, k: int) -> list[tuple[int, int]] | None:

@@ -98,12 +98,13 @@ def agree(comm: Comm, fn):
     return result
 
 
-def element_costs(model, pcfg, comm, batch_size: int, device) -> list[int]:
+def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = False) -> list[int]:
     """Costs for the partitioner. Measured times are averaged over the ranks by one Allreduce, so
-    every rank gets bit-identical numbers and computes the same split."""
+    every rank gets bit-identical numbers and computes the same split; with graphs (the steps run
+    as CUDA graphs) each element is timed as a captured graph too."""
     if pcfg.partition != "time":
         return list(model.costs)
-    mine = measure_costs(model, batch_size, device)
+    mine = measure_costs(model, batch_size, device, graphs=graphs)
     return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
 
 
