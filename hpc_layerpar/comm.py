@@ -114,6 +114,7 @@ class Comm:
 
     def __init__(self, mpi_comm=None, cuda_aware: bool = False, stage_all: bool = False):
         base = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        _flush(block=True)  # Dup and Split_type are collective: no send of ours may be left unposted
         self.mpi = base.Dup()
         self.rank = self.mpi.Get_rank()
         self.size = self.mpi.Get_size()
@@ -146,8 +147,11 @@ class Comm:
         if t.device.type == "cpu" and not self.stage_all:
             return _numpy(t), None
         if t.device.type == "cuda" and self.cuda_aware:
+            # MPI reads device memory outside CUDA's stream order: the kernels (or graph replays)
+            # queued so far must have written t first (a stream sync, not a device-wide one).
             # mpi4py takes CUDA buffers through DLPack / __cuda_array_interface__; bfloat16 goes
             # as raw 16-bit words, which every MPI datatype table knows.
+            torch.cuda.current_stream(t.device).synchronize()
             return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t), None
         buf = self._staging.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
@@ -168,6 +172,8 @@ class Comm:
         if (t.device.type == "cuda" and not self.cuda_aware) or (t.device.type == "cpu" and self.stage_all):
             pending = self._isend_staged(t, dest, tag, key)
         else:
+            # messages between two ranks must not overtake each other: post the deferred ones first
+            _flush(block=True)
             arr, staged = self._host(t, ("send", key))
             pending = Pending(self, self.mpi.Isend(arr, dest=dest, tag=tag), keep=(t, arr, staged))
         self.counters.comm_seconds += time.perf_counter() - t0
@@ -234,6 +240,7 @@ class Comm:
     def split(self, color: int, key: int) -> "Comm":
         """Collective: the ranks of the same color form a new communicator, ordered by key. It keeps
         this one's staging flags and shares its counters (one account of this rank's traffic)."""
+        _flush(block=True)
         part = self.mpi.Split(color, key)
         try:
             child = Comm(part, cuda_aware=self.cuda_aware, stage_all=self.stage_all)
@@ -309,6 +316,7 @@ class Comm:
     def free(self):
         """Free the duplicated MPI communicator; a second call does nothing."""
         if self.mpi != MPI.COMM_NULL:
+            _flush(block=True)
             self.mpi.Free()
 
 

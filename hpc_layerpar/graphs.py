@@ -111,14 +111,23 @@ class StepGraph:
             self._warm_up()
             if self.mode == "cuda":
                 self.graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(self.graph):
+                # thread_local: only this thread's CUDA calls matter to the capture (an MPI library's
+                # progress thread may touch CUDA meanwhile)
+                with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                     self.out = self.fn()
-            else:
-                self.out = ()
-        if self.mode == "cuda":
-            self.graph.replay()  # capture does not execute: the first replay is the first real step
+                self.graph.replay()  # capture does not execute: the first replay is the first real step
+                return self.out
+            # emulate: outputs live in buffers every call overwrites, as a replay's do, so a caller
+            # that keeps an output past the next call fails the CPU tests as it would on a GPU
+            self.out = tuple(None if o is None else o.detach().clone() for o in self.fn())
             return self.out
-        return self.fn()
+        if self.mode == "cuda":
+            self.graph.replay()
+            return self.out
+        for buf, o in zip(self.out, self.fn()):
+            if buf is not None:
+                buf.copy_(o.detach())
+        return self.out
 
 
 class GraphCache:

@@ -93,9 +93,8 @@ class PipelineEngine:
         # the graph path keeps gradients in a bucket always: captured kernels need fixed addresses
         self.bucket = GradBucket(self.params, self.device) if self.replicas > 1 or self.graphs.enabled else None
         self.sgd = SGDUpdate(optimizer, self.params, self.device) if self.graphs.enabled else None
-        self.beta_t = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.beta_t = torch.zeros((), dtype=torch.float32, device=self.device)  # graph path: 0.5 beta / N
         self.sums = EpochSums(self.device)  # graph path: accumulated inside the captured B steps
-        self.steps: dict = {}  # graph path: (kind, rows) -> (static inputs, StepGraph)
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None
         if method == "al" and not self.last:
@@ -186,7 +185,7 @@ class PipelineEngine:
             self.sums.reset()
             ep.sums = self.sums
             self.graphs.validate(self._state())
-            self.beta_t.fill_(beta)
+            self.beta_t.fill_(0.5 * beta / max(self.out_numel, 1))  # _objective's coefficient
             ep.dev = self._epoch_inputs(epoch, mbs)
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
@@ -294,13 +293,18 @@ class PipelineEngine:
         sums.add_residual(diff.detach().flatten(1).norm(dim=1).sum(), n)
         return loss
 
-    def _objective(self, d, p, anchor, beta: float, m):
+    def _objective(self, d, p, anchor, beta, m):
         """(loss, d - anchor): the stage's local objective on a micro-batch (ALGORITHM.md s.3), shared by
-        training and the diagnostics probe."""
+        training and the diagnostics probe. beta: the penalty weight (float), or on the graph path the
+        device scalar holding its coefficient 0.5 beta / N."""
         n = len(d)
         diff = d - anchor
         loss = (p * d).sum() / n
-        if torch.is_tensor(beta) or beta > 0:  # a tensor: the graph path's device scalar, any value
+        if torch.is_tensor(beta):
+            # the graph path: beta's coefficient 0.5 beta / N as a device scalar (filled per epoch from
+            # the same host value, so it rounds as the eager path does); beta = 0 adds nothing, as there
+            loss = loss + torch.where(beta > 0, beta * diff.pow(2).sum(), 0.0) / n
+        elif beta > 0:
             loss = loss + (0.5 * beta / self.out_numel) * diff.pow(2).sum() / n
         if m is not None:
             loss = loss + (m * diff).sum() / n
