@@ -66,7 +66,7 @@ test-mpi:
 	  timeout $(TEST_TIMEOUT) $(MPIEXEC) -n $$n $(PYTHON) -m mpi4py tests/mpi_pytest.py -q -m mpi || exit 1; \
 	done
 
-GPU_TESTS := tests/test_graphs.py tests/test_serial.py tests/test_pipeline.py tests/test_comm.py
+GPU_TESTS := tests/test_graphs.py tests/test_serial.py tests/test_pipeline.py tests/test_comm.py tests/test_checkpoint.py
 test-gpu: $(SETUP)
 	HPL_TEST_DEVICE=cuda timeout $(TEST_TIMEOUT) $(PYTHON) -m pytest -q $(GPU_TESTS)
 	HPL_TEST_DEVICE=cuda timeout $(TEST_TIMEOUT) $(MPIEXEC) -n 2 $(PYTHON) -m mpi4py tests/mpi_pytest.py -q -m mpi \

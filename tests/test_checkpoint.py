@@ -12,7 +12,7 @@ import torch
 
 from hpc_layerpar.metrics import read_metrics
 
-from conftest import ROOT, make_dataset, mpiexec_cmd, run_cli
+from conftest import DEVICE, ROOT, make_dataset, mpiexec_cmd, run_cli
 
 pytestmark = pytest.mark.spawns
 
@@ -23,8 +23,9 @@ SAME = ["train_loss", "train_acc", "test_loss", "test_acc", "local_loss", "resid
 def args(data, out, name, *extra):
     sets = [f"data.path={data}", "data.batch_size=16", "model.depth=8", f"train.phases={PHASES}",
             "parallel.beta=0.02", "parallel.partition=macs", "run.threads=1", f"run.out_dir={out}",
-            # bitwise equality holds for one device type and thread count (README, "bitwise"): pin them
-            "run.device=cpu",
+            # bitwise equality holds for one device type and thread count (README, "bitwise"): pin them;
+            # HPL_TEST_DEVICE=cuda runs them on the GPU with deterministic kernels
+            f"run.device={DEVICE.type}", *(["run.deterministic=true"] if DEVICE.type == "cuda" else []),
             f"run.name={name}", "run.checkpoint_every=0", *extra]
     return ["train", "--preset", "digits-resnet-penalty"] + [x for s in sets for x in ("--set", s)]
 
