@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from gpu_share import share  # noqa: E402  (beside this script)
+
+from hpc_layerpar import graphs  # noqa: E402
 from hpc_layerpar import scaling as S  # noqa: E402
+from hpc_layerpar.buckets import sync_device  # noqa: E402
 from hpc_layerpar.comm import Comm  # noqa: E402
 from hpc_layerpar.config import OptimConfig, ParallelConfig  # noqa: E402
 from hpc_layerpar.costs import measure_costs  # noqa: E402
@@ -59,8 +62,7 @@ DEV = torch.device("cuda")  # --device cpu: a smoke run of the same code, graphs
 
 
 def sync():
-    if DEV.type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(DEV)
 
 
 def wall_ms(fn, steps: int, warm: int = 3) -> float:
@@ -97,20 +99,11 @@ class _Uncaptured:
 
 
 def capture(fn, warm: int = 3):
-    """The PyTorch whole-network recipe: warm up on a side stream, capture, return the graph."""
+    """The step captured as one CUDA graph (graphs.capture); off CUDA, an object whose replay runs it."""
     if DEV.type != "cuda":
         fn()
         return _Uncaptured(fn)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
+    return graphs.capture(fn, warm)
 
 
 # ---- the single-GPU loops -------------------------------------------------------------------
@@ -274,31 +267,6 @@ def GRAPHS() -> str:
 
 def allreduce_s(nbytes, k, net) -> float:
     return 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
-
-
-def share(k: int, path: str, out: str, micro: int = 0) -> dict:
-    """One epoch of `path`: one rank serial against k ranks (penalty) on this one GPU, through the CLI."""
-    from hpc_layerpar.metrics import read_metrics
-
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    mpiexec = mpiexec if os.path.exists(mpiexec) else os.environ.get("MPIEXEC", "mpiexec")
-    secs = {}
-    for label, n, preset, phases in (("serial", 1, "mnist-resnet-serial", "serial:2"),
-                                     ("penalty", k, "mnist-resnet-penalty", "penalty:2")):
-        name = f"share-{label}-{n}"
-        cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train",
-               "--preset", preset, "--set", f"data.path={path}", "--set", f"train.phases={phases}",
-               "--set", "train.eval_every=100", "--set", "optim.warmup_epochs=0", "--set", f"run.out_dir={out}",
-               "--set", f"run.name={name}", "--set", "run.device=cuda", "--set", "run.precision=bf16",
-               "--set", f"parallel.micro_batches={micro}"]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
-        if p.returncode != 0:
-            raise SystemExit(f"--share: {' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-        files = sorted(f for f in os.listdir(out) if f.startswith(name) and f.endswith(".h5"))
-        cols = read_metrics(os.path.join(out, files[-1]))["columns"]
-        secs[label] = float(np.min(cols["epoch_seconds"]))  # the second epoch: no capture in it
-    return {"ranks": k, "micro_batches": micro, "serial_epoch_s": secs["serial"], "penalty_epoch_s": secs["penalty"],
-            "rho": secs["serial"] / secs["penalty"]}
 
 
 def main():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+AHEAD = 2  # micro-batches whose receives a pipeline stage posts ahead of need
+
 
 class Channel:
     """recv_from / send_to: neighbour ranks, or None at the chain's end. Message j uses slot j % slots

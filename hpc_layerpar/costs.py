@@ -8,6 +8,7 @@ import time
 import torch
 
 from .buckets import sync_device
+from .graphs import capture
 
 
 def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4, graphs: bool = False) -> list[int]:
@@ -53,15 +54,7 @@ def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4, g
 
 def _graph_us(fn, reps: int, replays: int = 20) -> int:
     """Microseconds per replay of fn captured as a CUDA graph (best of reps batches of replays)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture(fn)
     best = float("inf")
     for _ in range(reps):
         torch.cuda.synchronize()
