@@ -57,17 +57,11 @@ class SerialEngine:
             lo, hi = shard_range(gb, self.comm.size, self.comm.rank)
             self.bucket.zero()
             if hi > lo:
-                x, y = self.data.train_batch(idx[lo:hi])
+                offsets = flips = None
                 if self.augment is not None:
                     offsets, flips = self.augment.draws(epoch, step, gb)
-                    x = self.augment.apply(x, offsets[lo:hi], flips[lo:hi])
-                out = self.model(x)
-                loss = F.cross_entropy(out, y, reduction="sum")
-                # Dividing by the *global* batch makes the summed gradients the exact gradient of
-                # the global mean loss, even when shards differ in size.
-                (loss / gb).backward()
-                self.bucket.extra[0] = loss.detach()
-                self.bucket.extra[1] = (out.detach().argmax(1) == y).sum()
+                    offsets, flips = offsets[lo:hi], flips[lo:hi]
+                self._shard_gradient(idx[lo:hi], offsets, flips, gb)
             sync_device(self.device)
             compute += time.perf_counter() - t0
             if self.comm.size > 1:
@@ -82,6 +76,20 @@ class SerialEngine:
             if on_step is not None:
                 on_step(step + 1, len(batches), lambda s=samples, t=totals: float(t[0]) / max(s, 1))
         return self._finish(totals, bad, len(batches), samples, compute)
+
+    def _shard_gradient(self, ids, offsets, flips, gb: int) -> None:
+        """This rank's shard of a global batch of gb samples: its summed loss / gb back-propagated
+        into the bucket, the loss sum and correct count into the bucket's extra slots. Dividing by
+        the *global* batch makes the summed gradients the exact gradient of the global mean loss,
+        even when shards differ in size. (The eager loop and the captured step share it.)"""
+        x, y = self.data.train_batch(ids)
+        if self.augment is not None:
+            x = self.augment.apply(x, offsets, flips)
+        out = self.model(x)
+        loss = F.cross_entropy(out, y, reduction="sum")
+        (loss / gb).backward()
+        self.bucket.extra[0] = loss.detach()
+        self.bucket.extra[1] = (out.detach().argmax(1) == y).sum()
 
     def _finish(self, totals, bad, steps: int, samples: int, compute: float) -> PhaseStats:
         self.sync_buffers()
@@ -126,14 +134,7 @@ class SerialEngine:
             self.bucket.zero()
             if rows == 0:  # more ranks than samples in a last partial batch: a zero contribution
                 return update() if single else ()
-            x, y = self.data.train_batch(ins["ids"])
-            if self.augment is not None:
-                x = self.augment.apply(x, ins["off"], ins["flip"])
-            out = self.model(x)
-            loss = F.cross_entropy(out, y, reduction="sum")
-            (loss / gb).backward()
-            self.bucket.extra[0] = loss.detach()
-            self.bucket.extra[1] = (out.detach().argmax(1) == y).sum()
+            self._shard_gradient(ins["ids"], ins.get("off"), ins.get("flip"), gb)
             if single:
                 update()
             return ()
