@@ -21,8 +21,7 @@ from hpc_layerpar.config import (
 from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.models import build_model  # noqa: E402
 from hpc_layerpar.parallel import ParallelEngine  # noqa: E402
-from hpc_layerpar.partition import balanced_partition  # noqa: E402
-from hpc_layerpar.runsetup import element_costs  # noqa: E402
+from hpc_layerpar.runsetup import element_costs, stage_ranges  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 from hpc_layerpar.sweep import forward_sweep  # noqa: E402
 
@@ -52,10 +51,9 @@ def main():
         eng = SerialEngine(model, opt, comm, data, None, batch_size=a.batch, drop_last=True, seed=0)
         step = lambda e: eng.train_epoch(e, lambda t: 0.05)  # noqa: E731
     else:
-        pcfg = ParallelConfig(ds=a.ds, message_dtype=a.message_dtype, window=a.window,
+        pcfg = ParallelConfig(coupling="epoch", ds=a.ds, message_dtype=a.message_dtype, window=a.window,
                               partition=a.partition)
-        costs = element_costs(model, pcfg, comm, a.batch, torch.device("cpu"))
-        ranges = balanced_partition(costs, comm.size)
+        ranges = stage_ranges(model, comm.size, pcfg, *element_costs(model, pcfg, comm, a.batch, torch.device("cpu")))
         eng = ParallelEngine(model, opt, comm, data, ranges, pcfg, method=a.method, batch_size=a.batch,
                              drop_last=True, seed=0)
         comm.barrier()

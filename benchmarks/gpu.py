@@ -44,12 +44,12 @@ from hpc_layerpar import graphs  # noqa: E402
 from hpc_layerpar import scaling as S  # noqa: E402
 from hpc_layerpar.buckets import sync_device  # noqa: E402
 from hpc_layerpar.comm import Comm  # noqa: E402
-from hpc_layerpar.config import OptimConfig, ParallelConfig  # noqa: E402
+from hpc_layerpar.config import OptimConfig, ParallelConfig, micro_batches  # noqa: E402
 from hpc_layerpar.costs import measure_costs  # noqa: E402
 from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.dataformat import write_dataset  # noqa: E402
-from hpc_layerpar.models import build_model, count_parameters, place_model  # noqa: E402
-from hpc_layerpar.partition import balanced_partition  # noqa: E402
+from hpc_layerpar.models import build_model, count_parameters, place_model, smallest_map  # noqa: E402
+from hpc_layerpar.partition import balanced_partition, role_costs  # noqa: E402
 from hpc_layerpar.pipeline import PipelineEngine, _Epoch  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 from hpc_layerpar.stats import EpochSums  # noqa: E402
@@ -215,18 +215,23 @@ def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps, micro=0):
 
     ms = wall_ms(step, steps)
     sent = eng.bytes_per_epoch(BATCH, 4)
-    twin = stage_twin_ms(depth, c, h, classes, eng, steps)
+    twin = stage_twin_ms(data, depth, c, h, classes, eng, steps)
     return ms, twin, sent
 
 
-def stage_twin_ms(depth, c, h, classes, eng, steps) -> float:
-    """The stage's step as one captured graph of plain PyTorch: the lower bound for the engine."""
+def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
+    """The stage's step as one captured graph of plain PyTorch: the lower bound for the engine. Its
+    inputs come as the engine's do: stage 0 gathers its images (for F and again for B), the last
+    stage its labels; the others read an auxiliary input."""
     model = new_model(depth, c, h, classes, precision="bf16")
     start, end, M, n = eng.start, eng.end, eng.M, eng.micro
     params = [p for el in model.elements[start:end] for p in el.parameters()]
     opt = torch.optim.SGD(params, lr=OPT.lr, momentum=OPT.momentum, nesterov=True, weight_decay=OPT.weight_decay)
-    x_in = torch.randn((n,) + tuple(model.shapes[start]), device=DEV)
-    y = torch.randint(0, classes, (n,), device=DEV)
+    ids = torch.randint(0, data.n_train, (n,), device=DEV)
+    a_in = torch.randn((n,) + tuple(model.shapes[start]), device=DEV)
+
+    def x_in():
+        return data.train_batch(ids)[0] if start == 0 else a_in
     numel = 1 if eng.last else int(torch.Size(eng.out_shape).numel())
     p_in = 1e-3 * torch.randn((n,) + tuple(eng.out_shape or ()), device=DEV) if not eng.last else None
     anchor = torch.randn_like(p_in) if p_in is not None else None
@@ -235,11 +240,11 @@ def stage_twin_ms(depth, c, h, classes, eng, steps) -> float:
         for _ in range(M):
             if not eng.last:
                 with torch.no_grad():
-                    model(x_in, start, end)
-            leaf = x_in.detach().requires_grad_(start > 0)
+                    model(x_in(), start, end)
+            leaf = x_in().detach().requires_grad_(start > 0)
             u = model(leaf, start, end)
             if eng.last:
-                loss = F.cross_entropy(u, y)
+                loss = F.cross_entropy(u, data.train_y[ids])
             else:
                 diff = u - anchor
                 loss = (p_in * u).sum() / n + (0.5 / numel) * diff.pow(2).sum() / n
@@ -258,6 +263,22 @@ def element_costs_graph(depth, c, h, classes) -> list:
     engine's own measurement for parallel.partition=time when steps run as CUDA graphs."""
     model = new_model(depth, c, h, classes, precision="bf16")
     return [us / 1e6 for us in measure_costs(model, BATCH, DEV, graphs=DEV.type == "cuda")]
+
+
+def micro_of(model, micro: int) -> int:
+    """The pipeline's M for parallel.micro_batches = micro (0: auto) at this batch."""
+    return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(model))
+
+
+def split_costs_graph(depth, c, h, classes, micro: int) -> tuple:
+    """(upstream costs, last-stage costs, forward + backward, forward) per element in us, timed as
+    captured bf16 graphs at the micro-batch: what parallel.partition=time balances in a run."""
+    model = new_model(depth, c, h, classes, precision="bf16")
+    n = BATCH // micro_of(model, micro)
+    graphed = DEV.type == "cuda"
+    fb = measure_costs(model, n, DEV, graphs=graphed)
+    fwd = measure_costs(model, n, DEV, graphs=graphed, forward=True)
+    return role_costs(fb, fwd, "pipeline") + (fb, fwd)
 
 
 def GRAPHS() -> str:
@@ -329,9 +350,14 @@ def main():
             r["stages"] = {}
             # time: the engine's split (parallel.partition=time, elements timed as captured graphs);
             # blocks: one element one unit (the split of the issue's table)
-            split_costs = [max(1, int(t * 1e6)) for t in el] if a.split == "time" else [1] * n_el
             for micro in [int(x) for x in a.micro.split(",")]:
                 mlabel = "auto" if micro == 0 else str(micro)
+                if a.split == "time":
+                    split_costs = split_costs_graph(depth, c, h, classes, micro)
+                    print(f"\n(split costs at micro-batch {BATCH // micro_of(model, micro)}: forward + backward "
+                          f"{split_costs[2]}, forward {split_costs[3]} us per element)")
+                else:
+                    split_costs = ([1] * n_el, [1] * n_el)
                 print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, split by {a.split}; "
                       "T1 = graph bf16 loop")
                 print("| K | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
@@ -339,7 +365,7 @@ def main():
                       "| model NVLink par / DP |")
                 print("| --- | " + " | ".join("---" for _ in range(10)) + " |")
                 for k in ks:
-                    ranges = balanced_partition(split_costs, k)
+                    ranges = balanced_partition(split_costs[0], k, split_costs[1])
                     rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, micro) for s in range(k)]
                     eng_ms = [x[0] for x in rows]
                     twin_ms = [x[1] for x in rows]

@@ -39,6 +39,7 @@ class CheckpointMeta:
     config: dict
     stage_ranges: list | None       # the split the run started with (None without parallel phases)
     element_costs: list | None
+    element_forward_costs: list | None = None  # the pipeline's split weighs the forward twice upstream
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":

@@ -42,6 +42,7 @@ class RunContext:
     topo: Topology | None = None          # parallel runs only
     ranges: list | None = None
     costs: list | None = None
+    fwd_costs: list | None = None
     caps: list = field(default_factory=list)  # per stage: (penalty curvature, beta cap) of its output
     shard: object = None                 # this replica's sample ids (R > 1)
     same_split: bool = False             # resumed at the rank count and split of the checkpoint
@@ -164,13 +165,16 @@ def _split(ctx: RunContext) -> None:
         ctx.shard = replica_shard(ctx.data.n_train, pc.replicas, ctx.topo.replica, cfg.train.seed)
     ctx.same_split = bool(meta is not None and meta.world_size == comm.size and meta.replicas == pc.replicas
                           and meta.stage_ranges)
+    ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model))
     if ctx.same_split:  # the split the run started with: a re-measured one could differ
         ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
+        ctx.fwd_costs = meta.element_forward_costs
     else:
-        ctx.costs = element_costs(ctx.model, pc, comm, sub_batch, ctx.device,
-                                  graphs=ctx.serial.graphs.mode == "cuda")
-        ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs))
-    ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model))
+        # timed on what a stage step runs on: the pipeline's micro-batches
+        step_batch = sub_batch // ctx.micro if pc.coupling == "pipeline" else sub_batch
+        ctx.costs, ctx.fwd_costs = element_costs(ctx.model, pc, comm, step_batch, ctx.device,
+                                                 graphs=ctx.serial.graphs.mode == "cuda")
+        ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs, ctx.fwd_costs))
     # The curvature guard: every rank measures its outgoing boundary on the whole network it holds
     # now, then the pipeline shares the caps (ALGORITHM.md s.4c).
     batch = sub_batch // ctx.micro if pc.coupling == "pipeline" else sub_batch

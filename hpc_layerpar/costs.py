@@ -11,10 +11,12 @@ from .buckets import sync_device
 from .graphs import capture
 
 
-def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4, graphs: bool = False) -> list[int]:
+def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4, graphs: bool = False,
+                  forward: bool = False) -> list[int]:
     """Microseconds of forward + backward of each element at this batch size on this device (the
     best of `reps` after one warm-up), with the input gradient every element but the stem needs,
-    in the model's compute precision.
+    in the model's compute precision. forward: time the forward alone, without gradients (the
+    pipeline's F pass), instead.
 
     graphs: time each element as a captured CUDA graph, as the training steps run with
     run.cuda_graphs; eager GPU timings of these small elements measure kernel-launch latency, which
@@ -35,7 +37,11 @@ def measure_costs(model, batch_size: int, device: torch.device, reps: int = 4, g
         xi = inputs[i].detach().requires_grad_(i > 0)
 
         def fb(i=i, xi=xi):
-            m(xi, i, i + 1).square().mean().backward()
+            if forward:
+                with torch.no_grad():
+                    m(xi, i, i + 1)
+            else:
+                m(xi, i, i + 1).square().mean().backward()
 
         if graphs and device.type == "cuda":
             costs.append(_graph_us(fb, reps))

@@ -12,7 +12,7 @@ from .config import Config
 from .costs import measure_costs, parse_cuts
 from .errors import ConfigError, UserError
 from .filters import DSFilter, check_boundaries
-from .partition import balanced_partition
+from .partition import balanced_partition, role_costs
 
 if TYPE_CHECKING:  # annotations only: importing comm here at run time is not needed
     from .comm import Comm
@@ -98,20 +98,35 @@ def agree(comm: Comm, fn):
     return result
 
 
-def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = False) -> list[int]:
-    """Costs for the partitioner. Measured times are averaged over the ranks by one Allreduce, so
-    every rank gets bit-identical numbers and computes the same split; with graphs (the steps run
-    as CUDA graphs) each element is timed as a captured graph too."""
+def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = False) -> tuple[list, list]:
+    """(forward + backward, forward alone) per element, for the partitioner. Measured times are
+    averaged over the ranks by one Allreduce, so every rank gets bit-identical numbers and computes
+    the same split; with graphs (the steps run as CUDA graphs) each element is timed as a captured
+    graph too. partition=macs: the analytic forward count, backward taken as twice the forward.
+    batch_size: the batch a stage step runs on (the pipeline: a micro-batch)."""
     if pcfg.partition != "time":
-        return list(model.costs)
-    mine = measure_costs(model, batch_size, device, graphs=graphs)
-    return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
+        return [3 * c for c in model.costs], list(model.costs)
+
+    def mean(mine):
+        return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
+
+    fb = mean(measure_costs(model, batch_size, device, graphs=graphs))
+    fwd = mean(measure_costs(model, batch_size, device, graphs=graphs, forward=True)) \
+        if pcfg.coupling == "pipeline" else None
+    return fb, fwd
 
 
-def stage_ranges(model, k: int, pcfg, costs) -> list:
-    """The contiguous split for k ranks (balanced, or given), checked against the DS factor."""
+def _role_split(costs, forward, coupling: str, k: int) -> list:
+    upstream, last = role_costs(costs, forward, coupling)
+    return balanced_partition(upstream, k, last)
+
+
+def stage_ranges(model, k: int, pcfg, costs, forward=None) -> list:
+    """The contiguous split for k ranks (balanced by each element's cost in its stage's role, or
+    given), checked against the DS factor."""
     try:
-        ranges = parse_cuts(pcfg.partition, len(model), k) or balanced_partition(costs, k)
+        ranges = parse_cuts(pcfg.partition, len(model), k) or \
+            _role_split(costs, forward, pcfg.coupling, k)
     except ValueError as exc:  # PartitionError is a ValueError
         raise ConfigError(f"{exc} The parallel phases put one stage on each rank.") from None
     ds = pcfg.ds

@@ -59,8 +59,10 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
     non-last stages compute their forward twice, M micro-batches per step, and every epoch fills and
     drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps."""
     us = [max(1, int(t * 1e6)) for t in m.element_seconds]
-    ranges = balanced_partition(us, k)
-    comp = [c / 1e6 for c in stage_costs(us, ranges)]
+    # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
+    up = [int(round(u * RECOMPUTE)) for u in us] if coupling == "pipeline" else us
+    ranges = balanced_partition(up, k, us)
+    comp = [c / 1e6 for c in stage_costs(up, ranges, us)]  # the recompute counted upstream
     worst = 0.0
     for s, (a, b) in enumerate(ranges):
         out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0
@@ -71,7 +73,7 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
         if coupling == "pipeline":
             # in flight: a kept until the update, the anchor and the adjoint read once ~ 4 passes
             local = m.batch * (2 * in_n * msg_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
-            work = comp[s] * (RECOMPUTE if s < k - 1 else 1.0)
+            work = comp[s]
             comm += 2 * micro * net.latency_s  # one message per micro-batch each way
         else:
             # local traffic: targets out, aux in, update (read a, p, z; write a) ~ 6 passes over a_k

@@ -21,7 +21,7 @@ from .context import RunContext, build_context
 from .evaluate import evaluate, recalibrate_bn
 from .models import count_parameters
 from .parallel import ParallelEngine
-from .partition import stage_costs
+from .partition import role_costs, stage_costs
 from .pipeline import PipelineEngine
 from .progress import Progress, epoch_line
 from .runsetup import aux_bytes
@@ -111,6 +111,12 @@ class _Loop:
     last_ckpt: str | None = None
 
 
+def _stage_costs(ctx: RunContext, pc) -> list:
+    """Each stage's cost in its role in the parallel phase (what the split balanced)."""
+    upstream, last = role_costs(ctx.costs, ctx.fwd_costs, pc.coupling)
+    return stage_costs(upstream, ctx.ranges, last)
+
+
 def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
     """(writer on rank 0 / None, path on every rank): a new metrics file, or the resumed run's one."""
     cfg, comm, pc, meta = ctx.cfg, ctx.comm, ctx.cfg.parallel, ctx.meta
@@ -125,7 +131,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         extra = {}
         if ctx.ranges is not None:
             extra = {"stage_ranges": [list(r) for r in ctx.ranges], "element_costs": ctx.costs, "replicas": R,
-                     "partition": pc.partition, "stage_costs": stage_costs(ctx.costs, ctx.ranges),
+                     "partition": pc.partition, "stage_costs": _stage_costs(ctx, pc),
+                     "element_forward_costs": ctx.fwd_costs or [],
                      "aux_bytes": aux_sizes, "coupling": pc.coupling, "micro_batches": ctx.micro,
                      "penalty_curvature": [c[0] for c in ctx.caps], "beta_cap": [c[1] for c in ctx.caps]}
         if pc.simulate:
@@ -159,7 +166,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
                  f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
     if ctx.ranges is not None:
         shown = [("%.3g" % c[1]) if math.isfinite(c[1]) else "-" for c in ctx.caps[:-1]]
-        shares = [round(c / sum(ctx.costs), 3) for c in stage_costs(ctx.costs, ctx.ranges)]
+        sc = _stage_costs(ctx, pc)
+        shares = [round(c / sum(sc), 3) for c in sc]
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
                      f"stage cost shares {shares}; coupling {pc.coupling}"
                      + (f" ({ctx.micro} micro-batches per step)" if pc.coupling == "pipeline" else "")
@@ -285,7 +293,8 @@ def _checkpoint(ctx: RunContext, loop: _Loop, step: EpochStep, path: str) -> str
     meta = C.CheckpointMeta(
         epoch=step.epoch, world_size=ctx.comm.size, replicas=ctx.cfg.parallel.replicas, metrics_path=path,
         best_test_acc=loop.best, final_test_acc=loop.final, config=ctx.cfg.to_dict(),
-        stage_ranges=[list(r) for r in ctx.ranges] if ctx.ranges else None, element_costs=ctx.costs)
+        stage_ranges=[list(r) for r in ctx.ranges] if ctx.ranges else None, element_costs=ctx.costs,
+        element_forward_costs=ctx.fwd_costs)
     return C.save(ctx.ckpt_dir, ctx.comm, model=ctx.model, optimizer=ctx.opt,
                   store=loop.engine.store if loop.engine is not None else None, meta=meta)
 

@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 from hpc_layerpar.models import build_model
-from hpc_layerpar.partition import PartitionError, balanced_partition, stage_costs
+from hpc_layerpar.partition import PartitionError, balanced_partition, role_costs, stage_costs
 
 
 def brute_force_best(costs, k):
@@ -43,3 +43,34 @@ def test_too_many_stages_is_a_clear_error():
         balanced_partition([1, 2, 3, 4, 5], 6)
     with pytest.raises(PartitionError, match=">= 1"):
         balanced_partition([1, 2], 0)
+
+
+def brute_force_roles(costs, last, k):
+    n = len(costs)
+    best = None
+    for cuts in itertools.combinations(range(1, n), k - 1):
+        b = (0,) + cuts + (n,)
+        worst = max([sum(costs[b[i]:b[i + 1]]) for i in range(k - 1)] + [sum(last[b[k - 1]:])])
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("costs", [[5, 1, 1, 1, 9, 2, 2, 7], [1] * 9, [10, 1, 1, 1, 1, 1, 1, 30],
+                                   [3, 8, 2, 2, 8, 1, 6], [0, 0, 5, 0, 0]])
+def test_role_costs_optimal_against_brute_force(costs):
+    """The pipeline weighs an element by its stage's role: upstream it runs its forward twice."""
+    up, last = role_costs(costs, None, "pipeline")
+    assert up == [round(c * 4 / 3) for c in costs] and last == costs
+    for k in range(1, len(costs) + 1):
+        ranges = balanced_partition(up, k, last)
+        assert [r[0] for r in ranges[1:]] == [r[1] for r in ranges[:-1]] and all(a < b for a, b in ranges)
+        assert max(stage_costs(up, ranges, last)) == brute_force_roles(up, last, k)
+
+
+def test_role_split_gives_the_last_stage_more():
+    """Equal elements: the last stage, which does not recompute, takes more of them (8 = 4/3 x 6
+    upstream elements' cost); measured forward costs replace the 1/3 estimate."""
+    up, last = role_costs([3] * 20, [1] * 20, "pipeline")
+    assert up == [4] * 20
+    assert balanced_partition(up, 2, last) == [(0, 9), (9, 20)]  # 36 upstream, 33 at the end
+    assert role_costs([3, 3], [1, 2], "epoch") == ([3, 3], [3, 3])
