@@ -252,10 +252,12 @@ class PipelineEngine(StageGraphs):
             with _NoRunningStats(self.stage_modules):
                 d = self.filter.down(self.model(x, self.start, self.end))
             loss = self._local_loss(d, p, anchor, idx, ep.beta, ep.sums)
-        (loss / self.M).backward()
+        (loss / self.M).backward()  # the step averages M micro-batches: a global batch's mean
         ep.sums.add_local(loss.detach(), n, j)
         if leaf is not None:
-            self.adjoints.send(j, leaf.grad * n)  # the per-sample adjoint p = |mu| dL/da
+            # the per-sample adjoint p = |mu| dL/da of this micro-batch's own objective L: undo the
+            # 1/M of the backward, or every boundary would scale the gradients upstream by 1/M
+            self.adjoints.send(j, leaf.grad * (n * self.M))
         if (j + 1) % self.M == 0:
             self._step(ep)
 

@@ -101,7 +101,7 @@ class StageGraphs:
                 loss, diff = self._objective(d, ins["p"], ins["anchor"], self.beta_t, None)
                 self.sums.add_in_graph(loss.detach(), n, residual=diff.detach().flatten(1).norm(dim=1).sum())
             (loss / self.M).backward()
-            return (None if leaf is None else leaf.grad * n,)
+            return (None if leaf is None else leaf.grad * (n * self.M),)  # p = |mu| dL/da, as eager
 
         def step():
             if self.replicas > 1:

@@ -190,7 +190,7 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                             M[k][idx] = m + al_rho * betas[k] / numel * (d - anchor).detach()
                     (loss / micro).backward()  # sums the replicas' gradients, as the Allreduce does
                     if leaf is not None:
-                        adj[r][k - 1][jb] = rnd(leaf.grad * nbt)
+                        adj[r][k - 1][jb] = rnd(leaf.grad * (nbt * micro))  # p = |mu| dL/da
                 if (jb + 1) % micro == 0:
                     _step_stage(opts[k], models[k], lr, R)
                     updates[k] += 1

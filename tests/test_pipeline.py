@@ -8,7 +8,7 @@ import torch
 
 from hpc_layerpar.comm import Comm, Topology
 from hpc_layerpar.config import OptimConfig, ParallelConfig
-from hpc_layerpar.data import DeviceDataset, replica_shard
+from hpc_layerpar.data import DeviceDataset, epoch_batches, replica_shard
 from hpc_layerpar.models import build_model
 from hpc_layerpar.partition import balanced_partition
 from hpc_layerpar.pipeline import PipelineEngine
@@ -221,3 +221,36 @@ def test_penalty_gradient_is_the_adjoint_plus_the_anchor():
     d2 = d1.detach().clone().requires_grad_(True)
     (0.5 * beta / n * (d2 - (a - n / beta * p)).pow(2).sum()).backward()
     assert torch.allclose(d1.grad, d2.grad, atol=1e-5)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("micro", [1, 2, 4])
+def test_frozen_pipeline_gradient_is_back_propagation(world, tiny_data, micro):
+    """At learning rate 0 nothing moves between a micro-batch's F and B, so a global batch's stage
+    gradients must be back-propagation's, at any K and M: the adjoints carry each micro-batch's own
+    gradient upstream, and M micro-batches add up to the batch mean. Without BatchNorm, whose
+    statistics are per micro-batch. SGD's first step leaves the gradient in its momentum buffer.
+    (The equality with the reference cannot show a scale error both share; this can.)"""
+    data = DeviceDataset(tiny_data, DEVICE, subset=BATCH)  # one global batch: one step
+
+    def plain():
+        with _LOCK, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            return build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4, norm="none").to(DEVICE)
+
+    ranges = balanced_partition(plain().costs, world.size)
+    model = plain()
+    opt = make_optimizer(model, OptimConfig(lr=0.0, momentum=0.9, nesterov=False, weight_decay=0.0))
+    eng = PipelineEngine(model, opt, world, data, ranges, ParallelConfig(micro_batches=micro, augment=False),
+                         method="penalty", batch_size=BATCH, drop_last=True, seed=SEED)
+    eng.train_epoch(0, lambda t: 0.0, 1.0)
+    ref = plain()
+    (ids,) = epoch_batches(data.n_train, BATCH, SEED, 0, True)
+    x, y = data.train_batch(ids.to(DEVICE))
+    torch.nn.functional.cross_entropy(ref(x, 0, len(ref)), y).backward()
+    a, b = ranges[world.rank]
+    mine = [opt.state[p]["momentum_buffer"] for el in model.elements[a:b] for p in el.parameters()]
+    true = [p.grad for el in ref.elements[a:b] for p in el.parameters()]
+    err = max(float((g - t).abs().max() / t.abs().max().clamp_min(1e-12)) for g, t in zip(mine, true))
+    assert_all(world, err < 1e-4 * TOL, f"stage {world.rank} of {world.size}, M = {micro}: gradient "
+               f"{err:.2e} (relative) from back-propagation's")
