@@ -7,7 +7,9 @@ freshest batch is the one both couplings can be measured on).
 - gradient fidelity of stage k: the cosine between the gradient the stage would take for the probe
   batch with the coupling information it holds for it (its auxiliary inputs, the adjoints or targets
   of its outgoing boundary) and the gradient true back-propagation gives on the same samples, both at
-  the parameters of the end of the epoch: how well the coupling stands in for back-propagation.
+  the parameters of the end of the epoch: how well the coupling stands in for back-propagation;
+  and the ratio of their norms, which the cosine cannot see (a gradient scaled by 1/M per boundary
+  once went unnoticed behind cosines of 0.9).
 
 One synchronous forward and backward pass of the probe batch through the pipeline (collective)."""
 from __future__ import annotations
@@ -27,10 +29,17 @@ def _cosine(a: list, b: list) -> float:
     return float((x * y).sum()) / den if den > 0 else math.nan
 
 
-def probe(model, ranges, comm, data, filt, engine) -> tuple[float, float]:
+def _norm_ratio(a: list, b: list) -> float:
+    x = float(torch.cat([t.reshape(-1).double() for t in a]).norm())
+    y = float(torch.cat([t.reshape(-1).double() for t in b]).norm())
+    return x / y if y > 0 else math.nan
+
+
+def probe(model, ranges, comm, data, filt, engine) -> tuple[float, float, float]:
     """(consistency of this rank's incoming boundary or NaN on rank 0, gradient cosine of this rank's
-    stage). Every rank of the pipeline communicator calls it after the epoch. The true pass goes
-    micro-batch by micro-batch, so BatchNorm sees the same batches as the engine's gradients did."""
+    stage, its gradient's norm / back-propagation's). Every rank of the pipeline communicator calls it
+    after the epoch. The true pass goes micro-batch by micro-batch, so BatchNorm sees the same
+    batches as the engine's gradients did."""
     pr = engine.probe
     local = engine.probe_gradient()  # (collective for the epoch coupling: targets travel)
     k, K = comm.rank, comm.size
@@ -75,4 +84,4 @@ def probe(model, ranges, comm, data, filt, engine) -> tuple[float, float]:
         b.copy_(s)  # the probe must not move BatchNorm's running statistics
     model.train(was)
     cons = float(torch.cat(ratios).mean()) if ratios else math.nan
-    return cons, _cosine(local, true)
+    return cons, _cosine(local, true), _norm_ratio(local, true)

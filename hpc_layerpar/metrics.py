@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 
 SCHEMA = "hpc_layerpar-metrics"
-SCHEMA_VERSION = 3
-READS = (2, 3)  # version 2 lacks the health columns; they read as NaN
+SCHEMA_VERSION = 4
+READS = (2, 3, 4)  # version 2 lacks the health columns, version 3 grad_norm_ratio; they read as NaN
 
 # name -> (dtype, per_rank, unit / meaning). Per-rank columns have shape (epochs, world_size).
 COLUMNS = {
@@ -43,6 +43,7 @@ COLUMNS = {
     "beta_effective": ("f8", True, "per rank k: penalty weight of its outgoing boundary after the guard"),
     "consistency": ("f8", True, "per rank k: mean ||a_k - D(x_k)|| / ||D(x_k)|| on the probe batch"),
     "grad_cosine": ("f8", True, "per rank: cosine of the applied stage gradient and true BP (probe batch)"),
+    "grad_norm_ratio": ("f8", True, "per rank: norm of the applied stage gradient / true BP's (probe batch)"),
 }
 
 
@@ -119,6 +120,19 @@ def _atomic_update(path: str, create: bool = False):
             os.remove(tmp)
 
 
+def _create_column(g, name: str, world_size: int, rows: int) -> None:
+    """A growable dataset for COLUMNS[name] in the epochs group g, with `rows` rows of NaN."""
+    dtype, per_rank, doc = COLUMNS[name]
+    shape = (rows, world_size) if per_rank else (rows,)
+    maxshape = (None, world_size) if per_rank else (None,)
+    dt = h5py.string_dtype() if dtype == "str" else dtype
+    d = g.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt,
+                         chunks=(64, world_size) if per_rank else (256,))
+    if rows and dtype == "f8":
+        d[...] = np.nan
+    d.attrs["doc"] = doc
+
+
 class MetricsWriter:
     """Rank 0's writer. Columns grow by one row per epoch; each update is atomic (see above)."""
 
@@ -134,13 +148,8 @@ class MetricsWriter:
             for k, v in attrs.items():
                 f.attrs[k] = _attr(v)
             g = f.create_group("epochs")
-            for name, (dtype, per_rank, doc) in COLUMNS.items():
-                shape = (0, world_size) if per_rank else (0,)
-                maxshape = (None, world_size) if per_rank else (None,)
-                dt = h5py.string_dtype() if dtype == "str" else dtype
-                d = g.create_dataset(name, shape=shape, maxshape=maxshape, dtype=dt,
-                                     chunks=(64, world_size) if per_rank else (256,))
-                d.attrs["doc"] = doc
+            for name in COLUMNS:
+                _create_column(g, name, world_size, 0)
 
     @classmethod
     def reopen(cls, path: str, keep_rows: int) -> "MetricsWriter":
@@ -153,6 +162,11 @@ class MetricsWriter:
             for d in f["epochs"].values():
                 if d.shape[0] > keep_rows:
                     d.resize(keep_rows, axis=0)
+            rows = f["epochs"]["epoch"].shape[0]
+            for name in COLUMNS:  # a file of an older schema: its missing columns, NaN so far
+                if name not in f["epochs"]:
+                    _create_column(f["epochs"], name, self.world_size, rows)
+            f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["status"] = "running"
         return self
 

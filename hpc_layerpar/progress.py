@@ -54,6 +54,7 @@ def epoch_line(row: dict, n_epochs: int) -> str:
         par = (f" beta {_num(row['beta'])} residual {_per(res)}"
                f" consistency {_per(row['consistency'], skip_first=True)}"
                f" cos {_per(row['grad_cosine'])}"
+               f" gnorm {_per(row['grad_norm_ratio'])}"
                f" wait {max(row['wait_seconds']):.2f}s")
     sw = f" switch {row['switch_seconds']:.2f}s" if row["switch_seconds"] > 0.005 else ""
     return (f"epoch {row['epoch'] + 1:4d}/{n_epochs} {row['phase']:7s} lr {row['lr']:.4f} "

@@ -253,13 +253,14 @@ def _check(ctx: RunContext, loop: _Loop, step: EpochStep, problems: list):
 
 
 def _evaluate(ctx: RunContext, loop: _Loop, step: EpochStep) -> tuple:
-    """(test loss, test accuracy, consistency, gradient cosine): health after parallel epochs, the
+    """(test loss, test accuracy, consistency, gradient cosine, gradient norm ratio): health after
+    parallel epochs, the
     true network G on the test set when the plan says so (BatchNorm re-estimated first: running
     averages gathered while the weights moved, or per stage and micro-batch, misjudge the network)."""
     nan = math.nan
-    cons = cos = test_loss = test_acc = nan
+    cons = cos = ratio = test_loss = test_acc = nan
     if step.method in PARALLEL and loop.engine.probe:
-        cons, cos = diagnostics.probe(ctx.model, ctx.ranges, ctx.pipe, ctx.data, loop.engine.filter, loop.engine)
+        cons, cos, ratio = diagnostics.probe(ctx.model, ctx.ranges, ctx.pipe, ctx.data, loop.engine.filter, loop.engine)
     if step.evaluate:
         if step.method in PARALLEL:
             share_stages(ctx.model, ctx.ranges, ctx.pipe)  # the true network G: gather the stages
@@ -268,7 +269,7 @@ def _evaluate(ctx: RunContext, loop: _Loop, step: EpochStep) -> tuple:
         test_loss, test_acc = evaluate(ctx.model, ctx.data, ctx.comm, ctx.cfg.data.eval_batch_size)
         loop.final = test_acc
         loop.best = test_acc if math.isnan(loop.best) else max(loop.best, test_acc)
-    return test_loss, test_acc, cons, cos
+    return test_loss, test_acc, cons, cos, ratio
 
 
 def _row(ctx: RunContext, step: EpochStep, mine: dict, extra: dict):
@@ -335,14 +336,15 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             epoch_s, (comm_s, wait_s, sent, recv) = time.perf_counter() - t0, comm.counters.as_tuple()
             diverged = _check(ctx, loop, step, problems)
             t0 = time.perf_counter()
-            test_loss, test_acc, cons, cos = _evaluate(ctx, loop, step) if diverged is None else (math.nan,) * 4
+            test_loss, test_acc, cons, cos, ratio = _evaluate(ctx, loop, step) if diverged is None else (math.nan,) * 5
             par = step.method in PARALLEL
             mine = {"compute_seconds": st.compute_seconds, "comm_seconds": comm_s, "wait_seconds": wait_s,
                     "bytes_sent": sent, "bytes_recv": recv, "epoch_seconds": epoch_s,
                     "switch_bytes_sent": switch_bytes, "local_loss": st.local_loss if par else math.nan,
                     "residual": st.residual if par else math.nan,
                     "multiplier_norm": st.multiplier_norm if par else math.nan, "train_loss": st.train_loss,
-                    "train_acc": st.train_acc, "consistency": cons, "grad_cosine": cos, "beta_effective": beta_eff}
+                    "train_acc": st.train_acc, "consistency": cons, "grad_cosine": cos, "grad_norm_ratio": ratio,
+                    "beta_effective": beta_eff}
             row = _row(ctx, step, mine, {"beta": beta, "test_loss": test_loss, "test_acc": test_acc,
                                          "switch_seconds": switch_s, "eval_seconds": time.perf_counter() - t0})
             if row is not None:

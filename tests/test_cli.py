@@ -111,7 +111,7 @@ def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path, precision):
     ma, mb = read_metrics(str(a)), read_metrics(str(b))
     assert mb["attrs"]["simulated_ranks"] == 3 and ma["attrs"]["world_size"] == mb["attrs"]["world_size"] == 3
     for col in ("train_loss", "train_acc", "test_loss", "test_acc", "local_loss", "residual", "multiplier_norm",
-                "consistency", "grad_cosine", "beta_effective", "bytes_sent", "bytes_recv"):
+                "consistency", "grad_cosine", "grad_norm_ratio", "beta_effective", "bytes_sent", "bytes_recv"):
         assert np.allclose(ma["columns"][col], mb["columns"][col], rtol=1e-5, atol=1e-6, equal_nan=True), col
 
 

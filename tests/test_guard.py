@@ -112,11 +112,12 @@ def test_progress_prints_nan_as_nan():
     row = {"epoch": 0, "phase": "penalty", "lr": 0.1, "train_loss": float("nan"), "train_acc": 0.1,
            "test_loss": float("nan"), "test_acc": float("nan"), "beta": 1.0,
            "residual": [float("nan"), float("nan"), 2.0], "consistency": [float("nan"), float("inf"), 0.1],
-           "grad_cosine": [float("nan"), 0.5, 0.9], "wait_seconds": [0.0] * 3, "epoch_seconds": 1.0,
+           "grad_cosine": [float("nan"), 0.5, 0.9], "grad_norm_ratio": [1.0, 0.25, float("nan")],
+           "wait_seconds": [0.0] * 3, "epoch_seconds": 1.0,
            "compute_seconds": [1.0] * 3, "comm_seconds": [0.0] * 3, "switch_seconds": 0.0}
     line = epoch_line(row, 3)
     assert "train_loss nan" in line and "residual nan,2.00" in line and "consistency inf,0.10" in line
-    assert "cos nan,0.50,0.90" in line
+    assert "cos nan,0.50,0.90" in line and "gnorm 1.00,0.25,nan" in line
     assert " 0 " not in line.replace("0.0", "")
 
 

@@ -30,6 +30,25 @@ def test_writer_roundtrip_and_growth(tmp_path):
     assert m["attrs"]["status"] == "running" and m["attrs"]["hostnames"] == '["a", "b", "c"]'
 
 
+def test_resume_upgrades_a_version_3_file(tmp_path):
+    """A run resumed by this version into a file written by the last (schema 3, no grad_norm_ratio):
+    the missing column appears with NaN for the old rows, and the new rows fill it."""
+    p = str(tmp_path / "m.h5")
+    w = MetricsWriter(p, config_json="{}", world_size=2, attrs={})
+    for e in range(3):
+        w.append(row(e, 2))
+    with h5py.File(p, "a") as f:
+        del f["epochs"]["grad_norm_ratio"]
+        f.attrs["schema_version"] = 3
+    assert np.isnan(read_metrics(p)["columns"]["grad_norm_ratio"]).all()  # read as NaN
+    w = MetricsWriter.reopen(p, keep_rows=2)
+    w.append(row(2, 2))
+    m = read_metrics(p)
+    assert m["attrs"]["schema_version"] == 4
+    g = m["columns"]["grad_norm_ratio"]
+    assert g.shape == (3, 2) and np.isnan(g[:2]).all() and (g[2] == 2.5).all()
+
+
 def test_schema_errors(tmp_path):
     with h5py.File(tmp_path / "x.h5", "w") as f:
         f["a"] = 1

@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from hpc_layerpar import diagnostics
 from hpc_layerpar.comm import Comm, Topology
 from hpc_layerpar.config import OptimConfig, ParallelConfig
 from hpc_layerpar.data import DeviceDataset, epoch_batches, replica_shard
@@ -254,3 +255,7 @@ def test_frozen_pipeline_gradient_is_back_propagation(world, tiny_data, micro):
     err = max(float((g - t).abs().max() / t.abs().max().clamp_min(1e-12)) for g, t in zip(mine, true))
     assert_all(world, err < 1e-4 * TOL, f"stage {world.rank} of {world.size}, M = {micro}: gradient "
                f"{err:.2e} (relative) from back-propagation's")
+    # the health probe sees the same: cosine 1 and norm ratio 1 (rank 0 has no incoming boundary)
+    cons, cos, ratio = diagnostics.probe(model, ranges, world, data, eng.filter, eng)
+    assert_all(world, abs(cos - 1) < 1e-4 * TOL and abs(ratio - 1) < 1e-4 * TOL and (world.rank == 0 or cons < 1e-5),
+               f"probe of stage {world.rank}: consistency {cons:.2e}, cosine {cos:.6f}, norm ratio {ratio:.6f}")
