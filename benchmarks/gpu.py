@@ -10,7 +10,9 @@ Per model, at batch 128, ms per training step (wall clock over --steps steps, af
                       the single-GPU limit a user would pick instead of this engine
   engine eager fp32   this engine's serial step, run.cuda_graphs=off, run.precision=fp32
   engine graph bf16   this engine's serial step as a run makes it (cuda_graphs auto, bf16, channels_last)
-Then, at each K, the stages of a block-count split, each timed alone as if on its own GPU (bf16):
+Then, at each K, the stages of the split a run makes (--split time: balanced by each element's
+captured cost in its stage's role; --split blocks: by block count), each timed alone as if on its
+own GPU (bf16):
   engine stage step   one global batch of the pipeline coupling as the engine issues it (M micro-batches
                       of F and B replays, their static-buffer copies, the outbox copies, the optimizer
                       step), messages not sent
@@ -45,12 +47,12 @@ from hpc_layerpar import scaling as S  # noqa: E402
 from hpc_layerpar.buckets import sync_device  # noqa: E402
 from hpc_layerpar.comm import Comm  # noqa: E402
 from hpc_layerpar.config import OptimConfig, ParallelConfig, micro_batches  # noqa: E402
-from hpc_layerpar.costs import measure_costs  # noqa: E402
 from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.dataformat import write_dataset  # noqa: E402
 from hpc_layerpar.models import build_model, count_parameters, place_model, smallest_map  # noqa: E402
 from hpc_layerpar.partition import balanced_partition, role_costs  # noqa: E402
 from hpc_layerpar.pipeline import PipelineEngine, _Epoch  # noqa: E402
+from hpc_layerpar.runsetup import element_costs  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 from hpc_layerpar.stats import EpochSums  # noqa: E402
 
@@ -257,27 +259,21 @@ def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
     return wall_ms(g.replay, steps)
 
 
-# ---- per-element costs for the scaling model -------------------------------------------------
-def element_costs_graph(depth, c, h, classes) -> list:
-    """Seconds of forward + backward of each element at the batch, captured as a bf16 graph each: the
-    engine's own measurement for parallel.partition=time when steps run as CUDA graphs."""
-    model = new_model(depth, c, h, classes, precision="bf16")
-    return [us / 1e6 for us in measure_costs(model, BATCH, DEV, graphs=DEV.type == "cuda")]
-
-
+# ---- per-element costs: the split and the scaling model ---------------------------------------
 def micro_of(model, micro: int) -> int:
     """The pipeline's M for parallel.micro_batches = micro (0: auto) at this batch."""
     return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(model))
 
 
 def split_costs_graph(depth, c, h, classes, micro: int) -> tuple:
-    """(upstream costs, last-stage costs, forward + backward, forward) per element in us, timed as
-    captured bf16 graphs at the micro-batch: what parallel.partition=time balances in a run."""
+    """(upstream costs, last-stage costs, forward + backward, forward) per element in us at the
+    micro-batch, measured as a run measures them (runsetup.element_costs, bf16, captured graphs on
+    CUDA): what parallel.partition=time balances."""
     model = new_model(depth, c, h, classes, precision="bf16")
-    n = BATCH // micro_of(model, micro)
-    graphed = DEV.type == "cuda"
-    fb = measure_costs(model, n, DEV, graphs=graphed)
-    fwd = measure_costs(model, n, DEV, graphs=graphed, forward=True)
+    solo = Comm.self_()
+    fb, fwd = element_costs(model, ParallelConfig(micro_batches=micro), solo, BATCH // micro_of(model, micro), DEV,
+                            graphs=DEV.type == "cuda")
+    solo.free()
     return role_costs(fb, fwd, "pipeline") + (fb, fwd)
 
 
@@ -343,7 +339,8 @@ def main():
             n_el, params = len(model), count_parameters(model)
             numel = [int(torch.Size(s).numel()) for s in model.shapes]
             t1 = r["graph_bf16"] / 1e3
-            el = element_costs_graph(depth, c, h, classes)
+            split_at = {1: split_costs_graph(depth, c, h, classes, 1)}  # by M: measured once each
+            el = [us / 1e6 for us in split_at[1][2]]  # forward + backward at the whole batch
             costs_out[name] = {"element_seconds": el, "boundary_numel": numel, "parameters": params,
                                "batch": BATCH, "device": f"{res['device']} captured bf16"}
             smodel = S.Model(name, el, numel, params, BATCH)
@@ -353,7 +350,10 @@ def main():
             for micro in [int(x) for x in a.micro.split(",")]:
                 mlabel = "auto" if micro == 0 else str(micro)
                 if a.split == "time":
-                    split_costs = split_costs_graph(depth, c, h, classes, micro)
+                    m = micro_of(model, micro)
+                    if m not in split_at:
+                        split_at[m] = split_costs_graph(depth, c, h, classes, micro)
+                    split_costs = split_at[m]
                     print(f"\n(split costs at micro-batch {BATCH // micro_of(model, micro)}: forward + backward "
                           f"{split_costs[2]}, forward {split_costs[3]} us per element)")
                 else:
