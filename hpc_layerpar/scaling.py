@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .partition import balanced_partition, stage_costs
+from .partition import balanced_partition, role_costs, stage_costs
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,6 @@ class Model:
     batch: int
 
 
-RECOMPUTE = 4.0 / 3.0  # forward + backward = 3 forward-equivalents; the pipeline adds a forward
 
 
 def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4,
@@ -60,9 +59,9 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
     drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps."""
     us = [max(1, int(t * 1e6)) for t in m.element_seconds]
     # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
-    up = [int(round(u * RECOMPUTE)) for u in us] if coupling == "pipeline" else us
-    ranges = balanced_partition(up, k, us)
-    comp = [c / 1e6 for c in stage_costs(up, ranges, us)]  # the recompute counted upstream
+    up, last = role_costs(us, None, coupling)
+    ranges = balanced_partition(up, k, last)
+    comp = [c / 1e6 for c in stage_costs(up, ranges, last)]  # the recompute counted upstream
     worst = 0.0
     for s, (a, b) in enumerate(ranges):
         out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0
