@@ -388,14 +388,17 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
 
 
-def micro_batches(pcfg, batch_size: int, min_pixels: int = 1) -> int:
-    """The pipeline's M: as configured, or (0, auto) the largest M <= 4 that divides the per-replica
-    batch so that every BatchNorm statistic of a micro-batch still averages at least 1024 values
-    (micro-batch size x the network's smallest feature map, min_pixels = H x W there). More
-    micro-batches shorten the delay of the upstream stages' updates (2(K-1-k)/M steps); fewer
-    values per statistic make BatchNorm noisy (measured: 8x8 digits lose 3-10 points at K = 3-8
-    with 16-sample micro-batches, 28x28 Fashion-MNIST gains 6 points at K = 8 with 32)."""
+def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
+    """The pipeline's M: as configured, or (0, auto) the largest M <= max(4, K) that divides the
+    per-replica batch so that every BatchNorm statistic of a micro-batch still averages at least
+    768 values (micro-batch size x the network's smallest feature map, min_pixels = H x W there).
+    More micro-batches shorten the delay of the upstream stages' updates (2(K-1-k)/M optimizer
+    steps), which is what limits accuracy at large K, so the cap grows with K; fewer values per
+    statistic make BatchNorm noisy. Measured after the adjoint fix on Fashion-MNIST at K = 8:
+    M = 8 (16 x 7 x 7 = 784 values) ended 1.9 points above M = 4 (docs/ALGORITHM.md s.4).
+    8x8 digits (2 x 2 maps) keep M = 1 at batch 64."""
     if pcfg.micro_batches:
         return pcfg.micro_batches
     sub = batch_size // pcfg.replicas
-    return max([m for m in range(1, 5) if sub % m == 0 and (sub // m) * min_pixels >= 1024] or [1])
+    cap = max(4, stages)
+    return max([m for m in range(1, cap + 1) if sub % m == 0 and (sub // m) * min_pixels >= 768] or [1])

@@ -165,7 +165,7 @@ def _split(ctx: RunContext) -> None:
         ctx.shard = replica_shard(ctx.data.n_train, pc.replicas, ctx.topo.replica, cfg.train.seed)
     ctx.same_split = bool(meta is not None and meta.world_size == comm.size and meta.replicas == pc.replicas
                           and meta.stage_ranges)
-    ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model))
+    ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model), ctx.topo.stages)
     if ctx.same_split:  # the split the run started with: a re-measured one could differ
         ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
         ctx.fwd_costs = meta.element_forward_costs

@@ -56,7 +56,7 @@ class PipelineEngine(StageGraphs):
         self.first, self.last = self.k == 0, self.k == self.K - 1
         self.prev, self.next = comm.neighbours()
         self.filter = DSFilter(pcfg.ds)
-        self.M = micro_batches(pcfg, batch_size, smallest_map(model))
+        self.M = micro_batches(pcfg, batch_size, smallest_map(model), self.K)
         self.msg_dtype = DTYPES[pcfg.message_dtype]
         self.device = data.device
         self.replica_comm, self.shard = replica_comm, shard

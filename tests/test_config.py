@@ -76,16 +76,22 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert not list(tmp_path.glob("*.h5")), "no metrics file for a run that never started"
 
 
-def test_auto_micro_batches_keep_batchnorm_statistics_over_1024_values():
+def test_auto_micro_batches_grow_with_k_and_keep_batchnorm_statistics_over_768_values():
     from hpc_layerpar.config import ParallelConfig, micro_batches
 
     auto = ParallelConfig()
-    assert micro_batches(auto, 128, 7 * 7) == 4      # MNIST, Fashion-MNIST: 32 x 49 >= 1024
-    assert micro_batches(auto, 128, 8 * 8) == 4      # CIFAR
-    assert micro_batches(auto, 64, 2 * 2) == 1       # 8x8 digits: 2x2 maps at the end
-    assert micro_batches(auto, 80, 7 * 7) == 2       # 4 would leave 20 x 49 < 1024; 3 does not divide
-    assert micro_batches(ParallelConfig(micro_batches=2), 64, 1) == 2
-    assert micro_batches(ParallelConfig(replicas=2), 128, 7 * 7) == 2
+    for k in (2, 3, 4):  # the cap is 4 up to K = 4
+        assert micro_batches(auto, 128, 7 * 7, k) == 4   # MNIST, Fashion-MNIST: 32 x 49 >= 768
+        assert micro_batches(auto, 128, 8 * 8, k) == 4   # CIFAR
+    assert micro_batches(auto, 128, 7 * 7, 8) == 8       # 16 x 49 = 784 >= 768: half the delay at K = 8
+    assert micro_batches(auto, 128, 7 * 7, 16) == 8      # 16 would leave 8 x 49 < 768
+    assert micro_batches(auto, 128, 8 * 8, 16) == 8      # 16 x 64 = 1024; 8 x 64 is too few
+    for k in (2, 4, 8):
+        assert micro_batches(auto, 64, 2 * 2, k) == 1    # 8x8 digits: 2x2 maps at the end
+    assert micro_batches(auto, 80, 7 * 7, 2) == 4        # 20 x 49 = 980; 3 does not divide 80
+    assert micro_batches(auto, 96, 7 * 7, 8) == 6        # 8 does not divide 96; 6 leaves 16 x 49
+    assert micro_batches(ParallelConfig(micro_batches=2), 64, 1, 8) == 2   # as configured
+    assert micro_batches(ParallelConfig(replicas=2), 128, 7 * 7, 8) == 4   # 64 per replica: 16 x 49
 
 
 def test_presets_run_the_parallel_phase_first_and_use_the_defaults():
