@@ -26,7 +26,7 @@ def _last_start(costs, last, k: int, bound: int):
     return j if j >= k - 1 and sum(last[j:]) <= bound else None
 
 
-def balanced_partition(costs, k: int, last=None) -> list[tuple[int, int]]:
+def balanced_partition(costs, k: int, last=None, starts=None) -> list[tuple[int, int]]:
     """K half-open ranges [start, end) covering range(len(costs)) in order, each non-empty,
     whose largest summed cost is as small as possible (the linear partition problem).
 
@@ -36,7 +36,10 @@ def balanced_partition(costs, k: int, last=None) -> list[tuple[int, int]]:
 
     Integer costs make the bisection exact. Stage 0 holds element 0 (the stem) and stage K-1 the
     last (the head) by construction. Among optimal splits it returns the one that fills early
-    stages first, cut so that every later stage still gets at least one element."""
+    stages first, cut so that every later stage still gets at least one element.
+
+    starts: the elements a stage may start at besides 0 (None: any). A DS filter needs boundaries
+    whose H and W it divides; the split is then the optimum over those cuts only."""
     costs = [int(c) for c in costs]
     last = costs if last is None else [int(c) for c in last]
     n = len(costs)
@@ -50,6 +53,8 @@ def balanced_partition(costs, k: int, last=None) -> list[tuple[int, int]]:
         raise PartitionError(f"{len(last)} last-stage costs for {n} elements")
     if any(c < 0 for c in costs + last):
         raise PartitionError("element costs must be >= 0")
+    if starts is not None:
+        return _constrained(costs, last, k, sorted({i for i in starts if 0 < i < n}))
     lo, hi = 0, sum(costs) + sum(last)  # hi always fits
     while lo < hi:
         mid = (lo + hi) // 2
@@ -91,3 +96,42 @@ def stage_costs(costs, ranges, last=None) -> list[int]:
         a, b = ranges[-1]
         out[-1] = sum(last[a:b])
     return out
+
+
+def _constrained(costs, last, k: int, starts: list) -> list[tuple[int, int]]:
+    """The optimal split whose stages begin at 0 and at k-1 of `starts` (dynamic programming over
+    the cut positions; ties go to the earliest cuts, so every rank computes the same split)."""
+    n = len(costs)
+    if len(starts) < k - 1:
+        raise PartitionError(f"only {len(starts)} places to cut the {n} elements allow a stage to start; "
+                             f"{k} stages need {k - 1}. Use at most {len(starts) + 1} ranks per pipeline.")
+    pre = [0]
+    for c in costs:
+        pre.append(pre[-1] + c)
+    cuts = [0] + starts
+    # best[j][c]: the smallest largest cost of j + 1 non-last stages over [0, cuts[c]), with a choice
+    best = [[None] * len(cuts) for _ in range(k)]
+    best[0] = [(pre[b], None) if c > 0 else None for c, b in enumerate(cuts)]
+    for j in range(1, k - 1):
+        for c in range(1, len(cuts)):
+            for p in range(1, c):
+                if best[j - 1][p] is not None:
+                    v = max(best[j - 1][p][0], pre[cuts[c]] - pre[cuts[p]])
+                    if best[j][c] is None or v < best[j][c][0]:
+                        best[j][c] = (v, p)
+    if k == 1:
+        return [(0, n)]
+    top = None
+    for c in range(1, len(cuts)):
+        if best[k - 2][c] is not None:
+            v = max(best[k - 2][c][0], sum(last[cuts[c]:]))
+            if top is None or v < top[0]:
+                top = (v, c)
+    bounds, c, j = [n], top[1], k - 2
+    while c is not None:
+        bounds.append(cuts[c])
+        c, j = best[j][c][1], j - 1
+    bounds = [0] + bounds[::-1]
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    assert len(ranges) == k and all(a < b for a, b in ranges), (ranges, k)
+    return ranges

@@ -116,17 +116,24 @@ def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = Fal
     return fb, fwd
 
 
-def _role_split(costs, forward, coupling: str, k: int) -> list:
+def _role_split(costs, forward, coupling: str, k: int, starts=None) -> list:
     upstream, last = role_costs(costs, forward, coupling)
-    return balanced_partition(upstream, k, last)
+    return balanced_partition(upstream, k, last, starts)
+
+
+def ds_starts(model, ds: int):
+    """The elements a stage may start at under DS factor ds (its H and W divisible by ds), or None
+    when every element qualifies (the split is then the unconstrained one, unchanged)."""
+    ok = [i for i in range(1, len(model)) if model.shapes[i][1] % ds == 0 and model.shapes[i][2] % ds == 0]
+    return None if len(ok) == len(model) - 1 else ok
 
 
 def stage_ranges(model, k: int, pcfg, costs, forward=None) -> list:
-    """The contiguous split for k ranks (balanced by each element's cost in its stage's role, or
-    given), checked against the DS factor."""
+    """The contiguous split for k ranks (balanced by each element's cost in its stage's role, with
+    stages starting only where the DS factor divides the activations; or given, then checked)."""
     try:
         ranges = parse_cuts(pcfg.partition, len(model), k) or \
-            _role_split(costs, forward, pcfg.coupling, k)
+            _role_split(costs, forward, pcfg.coupling, k, ds_starts(model, pcfg.ds))
     except ValueError as exc:  # PartitionError is a ValueError
         raise ConfigError(f"{exc} The parallel phases put one stage on each rank.") from None
     ds = pcfg.ds

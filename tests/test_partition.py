@@ -74,3 +74,44 @@ def test_role_split_gives_the_last_stage_more():
     assert up == [4] * 20
     assert balanced_partition(up, 2, last) == [(0, 9), (9, 20)]  # 36 upstream, 33 at the end
     assert role_costs([3, 3], [1, 2], "epoch") == ([3, 3], [3, 3])
+
+
+def brute_force_best_with_starts(costs, k, starts, last):
+    best = None
+    for cuts in itertools.combinations(sorted(starts), k - 1):
+        b = (0,) + cuts + (len(costs),)
+        worst = max([sum(costs[b[i]:b[i + 1]]) for i in range(k - 1)] + [sum(last[b[k - 1]:])])
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("costs", [[5, 1, 1, 1, 9, 2, 2, 7], [1] * 9, [10, 1, 1, 1, 1, 1, 1, 30],
+                                   [3, 8, 2, 2, 8, 1, 6]])
+def test_split_with_allowed_starts_is_optimal_over_them(costs):
+    n = len(costs)
+    last = [2 * c for c in costs]
+    for starts in ([2, 5], [1, 3, 4, 6], list(range(1, n)), [n - 1]):
+        for k in range(1, len(starts) + 2):
+            ranges = balanced_partition(costs, k, last, starts)
+            assert len(ranges) == k and ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a < b for a, b in ranges) and all(ranges[i][1] == ranges[i + 1][0] for i in range(k - 1))
+            assert {a for a, _ in ranges[1:]} <= set(starts), "stages start only where allowed"
+            assert max(stage_costs(costs, ranges, last)) == brute_force_best_with_starts(costs, k, starts, last)
+        with pytest.raises(PartitionError, match=f"at most {len(starts) + 1} ranks"):
+            balanced_partition(costs, len(starts) + 2, last, starts)
+
+
+def test_ds2_split_avoids_7x7_boundaries_on_28x28_images():
+    """MNIST at K = 4 with DS s = 2: the time split may put a cut among the 7x7 blocks, which the
+    filter cannot halve; the split then moves to the cuts it can (it used to stop the run)."""
+    from hpc_layerpar.config import ParallelConfig
+    from hpc_layerpar.runsetup import ds_starts, stage_ranges
+
+    m = build_model("resnet", 20, in_channels=1, image_size=28, num_classes=10)
+    costs = [1] * len(m)  # even costs put the last cuts among the 7x7 blocks
+    free = stage_ranges(m, 4, ParallelConfig(partition="time"), costs)
+    assert any(m.shapes[a][1] == 7 for a, _ in free[1:])
+    assert ds_starts(m, 1) is None
+    ranges = stage_ranges(m, 4, ParallelConfig(partition="time", ds=2), costs)
+    assert all(m.shapes[a][1] % 2 == 0 for a, _ in ranges[1:])
+    assert ranges[0][0] == 0 and ranges[-1][1] == len(m)
