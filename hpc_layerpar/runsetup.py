@@ -132,10 +132,13 @@ def stage_ranges(model, k: int, pcfg, costs, forward=None) -> list:
     """The contiguous split for k ranks (balanced by each element's cost in its stage's role, with
     stages starting only where the DS factor divides the activations; or given, then checked)."""
     try:
+        starts = ds_starts(model, pcfg.ds)
         ranges = parse_cuts(pcfg.partition, len(model), k) or \
-            _role_split(costs, forward, pcfg.coupling, k, ds_starts(model, pcfg.ds))
+            _role_split(costs, forward, pcfg.coupling, k, starts)
     except ValueError as exc:  # PartitionError is a ValueError
-        raise ConfigError(f"{exc} The parallel phases put one stage on each rank.") from None
+        why = "" if starts is None else (f" parallel.ds={pcfg.ds} divides the activations only where elements "
+                                         f"{starts} start; use a smaller parallel.ds or fewer ranks.")
+        raise ConfigError(f"{exc}{why} The parallel phases put one stage on each rank.") from None
     ds = pcfg.ds
     try:
         check_boundaries(ds, [model.shapes[a] for a, _ in ranges[1:]])

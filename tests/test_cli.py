@@ -62,8 +62,13 @@ def test_rank_count_and_ds_errors_come_before_training(tmp_path):
     data = make_dataset(tmp_path / "d.h5", size=12)  # 12x12 -> 6x6 -> 3x3 activations
     base = ["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}", "--set",
             "data.batch_size=16", "--set", "model.depth=8", "--set", f"run.out_dir={tmp_path}/runs"]
-    p = run_cli(base + ["--set", "parallel.ds=4"], n=3, timeout=120)  # boundary 2 is 6x6
+    # elements: stem, block (12x12 in), block (12x12 in, to 6x6), block (6x6 in, to 3x3), head (3x3 in)
+    p = run_cli(base + ["--set", "parallel.ds=4", "--set", "parallel.partition=1,3"], n=3, timeout=120)
     assert p.returncode != 0 and "parallel.ds=4 does not divide" in p.stderr and "Use parallel.ds in" in p.stderr
+    # the measured split may start stages only at elements 1 and 2 (12x12): three ranks at most
+    p = run_cli(base + ["--set", "parallel.ds=4"], n=4, timeout=120)
+    assert p.returncode != 0 and "at most 3 ranks" in p.stderr and "parallel.ds=4 divides" in p.stderr
+    assert "epoch" not in p.stdout
     p = run_cli(base, n=6, timeout=120)
     assert p.returncode != 0 and "cannot split 5 elements" in p.stderr and "at most 5 ranks" in p.stderr
     assert "epoch" not in p.stdout
