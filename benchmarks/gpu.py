@@ -261,8 +261,7 @@ def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
 
 # ---- per-element costs: the split and the scaling model ---------------------------------------
 def micro_of(model, micro: int) -> int:
-    """The pipeline's M for parallel.micro_batches = micro (0: auto) at this batch. Auto is taken
-    at K <= 4 (M = 4 here); at K = 8 the engine's auto picks M = 8: pass --micro 8 for that."""
+    """The pipeline's M for micro (0: auto as at K <= 4; the engine picks 8 at K = 8: --micro 8)."""
     return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(model), stages=4)
 
 

@@ -389,14 +389,10 @@ def _validate_parallel(cfg: Config) -> None:
 
 
 def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
-    """The pipeline's M: as configured, or (0, auto) the largest M <= max(4, K) that divides the
-    per-replica batch so that every BatchNorm statistic of a micro-batch still averages at least
-    768 values (micro-batch size x the network's smallest feature map, min_pixels = H x W there).
-    More micro-batches shorten the delay of the upstream stages' updates (2(K-1-k)/M optimizer
-    steps), which is what limits accuracy at large K, so the cap grows with K; fewer values per
-    statistic make BatchNorm noisy. Measured after the adjoint fix on Fashion-MNIST at K = 8:
-    M = 8 (16 x 7 x 7 = 784 values) ended 1.9 points above M = 4 (docs/ALGORITHM.md s.4).
-    8x8 digits (2 x 2 maps) keep M = 1 at batch 64."""
+    """The pipeline's M: as configured, or (0, auto) the largest M <= max(4, K) dividing the
+    per-replica batch whose micro-batches keep >= 768 values in every BatchNorm statistic
+    (micro-batch x the smallest feature map, min_pixels = H x W there). More micro-batches shorten
+    the upstream stages' delay, 2(K-1-k)/M steps, which grows with K (ALGORITHM.md s.4)."""
     if pcfg.micro_batches:
         return pcfg.micro_batches
     sub = batch_size // pcfg.replicas

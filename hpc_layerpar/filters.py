@@ -30,6 +30,11 @@ class DSFilter:
         return a.repeat_interleave(self.s, dim=2).repeat_interleave(self.s, dim=3)
 
 
+def divides(s: int, shape) -> bool:
+    """Whether the filter of factor s can halve (quarter) an activation of per-sample shape (C, H, W)."""
+    return shape[1] % s == 0 and shape[2] % s == 0
+
+
 def check_boundaries(s: int, boundary_shapes: list) -> None:
     """s must divide H and W at every boundary; the message says which boundary fails and what to do.
     Raises ValueError (train.py turns it into a ConfigError on every rank)."""
@@ -37,8 +42,8 @@ def check_boundaries(s: int, boundary_shapes: list) -> None:
         raise ValueError(f"parallel.ds={s} is not one of {', '.join(map(str, FACTORS))}.")
     for k, shape in enumerate(boundary_shapes, start=1):
         c, h, w = shape
-        if h % s or w % s:
-            ok = [f for f in FACTORS if all(sh[1] % f == 0 and sh[2] % f == 0 for sh in boundary_shapes)]
+        if not divides(s, shape):
+            ok = [f for f in FACTORS if all(divides(f, sh) for sh in boundary_shapes)]
             raise ValueError(
                 f"parallel.ds={s} does not divide the {h}x{w} activations at boundary {k} (input of stage "
                 f"{k}, shape {c}x{h}x{w}). Use parallel.ds in {ok}, or fewer ranks so that no stage starts "

@@ -102,6 +102,8 @@ def _constrained(costs, last, k: int, starts: list) -> list[tuple[int, int]]:
     """The optimal split whose stages begin at 0 and at k-1 of `starts` (dynamic programming over
     the cut positions; ties go to the earliest cuts, so every rank computes the same split)."""
     n = len(costs)
+    if k == 1:
+        return [(0, n)]
     if len(starts) < k - 1:
         raise PartitionError(f"only {len(starts)} places to cut the {n} elements allow a stage to start; "
                              f"{k} stages need {k - 1}. Use at most {len(starts) + 1} ranks per pipeline.")
@@ -110,7 +112,7 @@ def _constrained(costs, last, k: int, starts: list) -> list[tuple[int, int]]:
         pre.append(pre[-1] + c)
     cuts = [0] + starts
     # best[j][c]: the smallest largest cost of j + 1 non-last stages over [0, cuts[c]), with a choice
-    best = [[None] * len(cuts) for _ in range(k)]
+    best = [[None] * len(cuts) for _ in range(k - 1)]
     best[0] = [(pre[b], None) if c > 0 else None for c, b in enumerate(cuts)]
     for j in range(1, k - 1):
         for c in range(1, len(cuts)):
@@ -119,8 +121,6 @@ def _constrained(costs, last, k: int, starts: list) -> list[tuple[int, int]]:
                     v = max(best[j - 1][p][0], pre[cuts[c]] - pre[cuts[p]])
                     if best[j][c] is None or v < best[j][c][0]:
                         best[j][c] = (v, p)
-    if k == 1:
-        return [(0, n)]
     top = None
     for c in range(1, len(cuts)):
         if best[k - 2][c] is not None:

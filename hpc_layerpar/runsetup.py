@@ -11,7 +11,7 @@ from .auxstore import DTYPES
 from .config import Config
 from .costs import measure_costs, parse_cuts
 from .errors import ConfigError, UserError
-from .filters import DSFilter, check_boundaries
+from .filters import DSFilter, check_boundaries, divides
 from .partition import balanced_partition, role_costs
 
 if TYPE_CHECKING:  # annotations only: importing comm here at run time is not needed
@@ -124,7 +124,7 @@ def _role_split(costs, forward, coupling: str, k: int, starts=None) -> list:
 def ds_starts(model, ds: int):
     """The elements a stage may start at under DS factor ds (its H and W divisible by ds), or None
     when every element qualifies (the split is then the unconstrained one, unchanged)."""
-    ok = [i for i in range(1, len(model)) if model.shapes[i][1] % ds == 0 and model.shapes[i][2] % ds == 0]
+    ok = [i for i in range(1, len(model)) if divides(ds, model.shapes[i])]
     return None if len(ok) == len(model) - 1 else ok
 
 
