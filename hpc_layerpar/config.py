@@ -70,6 +70,7 @@ class ParallelConfig:
     eta: float = 1.0            # epoch coupling: relaxation of the auxiliary update, in (0, 1]
     refresh_every: int = 0      # epoch coupling: forward sweep every N parallel epochs (0: at phase start)
     ds: int = 1                 # DS filter factor s in {1, 2, 4}: messages and storage / s^2
+    ds_up: str = "smooth"       # DS upsampling U: smooth (bilinear, block means kept) | nearest (v1)
     window: int = 4             # epoch coupling: batches of messages posted ahead
     message_dtype: str = "float32"   # float32 | bfloat16 (on the wire)
     aux_dtype: str = "float32"       # float32 | bfloat16 (storage of a_k and m_k)
@@ -374,6 +375,7 @@ def _validate_parallel(cfg: Config) -> None:
     if not 0 < pc.eta <= 1:
         raise ConfigError(f"parallel.eta={pc.eta} must lie in (0, 1]; 1 is the plain prox-linear step.")
     _choice("parallel.ds", pc.ds, (1, 2, 4))
+    _choice("parallel.ds_up", pc.ds_up, ("smooth", "nearest"))
     _positive("parallel.window", pc.window)
     _choice("parallel.message_dtype", pc.message_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_dtype", pc.aux_dtype, ("float32", "bfloat16"))

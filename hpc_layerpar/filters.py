@@ -1,18 +1,25 @@
-"""The DS filter pair: D = s x s average pooling (stride s), U = nearest upsampling by s; D U = I."""
+"""The DS filter pair: D = s x s average pooling (stride s); U = upsampling by s with D U = I, either
+smooth (bilinear interpolation whose s x s block means are corrected back to the coarse values: the
+default) or nearest (each coarse value repeated over its block, version 1)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 FACTORS = (1, 2, 4)
+UPSAMPLERS = ("smooth", "nearest")
 
 
 class DSFilter:
-    """The DS filter pair for factor s (1, 2 or 4): down() is s x s average pooling, up() nearest upsampling."""
-    def __init__(self, s: int):
+    """The DS filter pair for factor s (1, 2 or 4): down() is s x s average pooling, up() the upsampler
+    `up` (smooth or nearest; both linear, both with down(up(a)) = a)."""
+    def __init__(self, s: int, up: str = "smooth"):
         if s not in FACTORS:
             raise ValueError(f"DS factor must be one of {FACTORS}, got {s}")
+        if up not in UPSAMPLERS:
+            raise ValueError(f"DS upsampler must be one of {UPSAMPLERS}, got {up!r}")
         self.s = s
+        self.smooth = up == "smooth"
 
     def coarse_shape(self, shape: tuple) -> tuple:
         """(C, H // s, W // s): the per-sample shape of a boundary's message after down()."""
@@ -23,11 +30,21 @@ class DSFilter:
         """x average-pooled over s x s windows with stride s; x itself for s = 1."""
         return x if self.s == 1 else F.avg_pool2d(x, self.s, stride=self.s)
 
+    def _repeat(self, a: torch.Tensor) -> torch.Tensor:
+        return a.repeat_interleave(self.s, dim=2).repeat_interleave(self.s, dim=3)
+
     def up(self, a: torch.Tensor) -> torch.Tensor:
-        """a upsampled by repeating each pixel into an s x s block; a itself for s = 1."""
+        """a upsampled by s; a itself for s = 1. smooth: b = bilinear(a) plus the repeated block
+        error a - down(b), so that down(up(a)) = a exactly. Why smooth: the stage behind the filter
+        trains on up(down(x)) instead of x; on Fashion-MNIST's ResNet-20 states the smooth
+        reconstruction is 0.02-0.06 closer to x (relative error) at every boundary than repeating,
+        and the final SPH accuracy at K = 4 rose with it (ALGORITHM.md s.2)."""
         if self.s == 1:
             return a
-        return a.repeat_interleave(self.s, dim=2).repeat_interleave(self.s, dim=3)
+        if not self.smooth:
+            return self._repeat(a)
+        b = F.interpolate(a, scale_factor=self.s, mode="bilinear", align_corners=False)
+        return b + self._repeat(a - self.down(b))
 
 
 def divides(s: int, shape) -> bool:
