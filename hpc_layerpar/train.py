@@ -171,7 +171,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
                      f"stage cost shares {shares}; coupling {pc.coupling}"
                      + (f" ({ctx.micro} micro-batches per step)" if pc.coupling == "pipeline" else "")
-                     + f"; DS factor {pc.ds}; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
+                     + f"; DS factor {pc.ds}" + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
+                     + f"; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
     if ctx.src is not None:
         progress.log(f"resumed from {ctx.src} at epoch {ctx.start_epoch + 1}")

@@ -16,7 +16,7 @@ def _label(key) -> str:
     dataset, model, method, k, rep, ds, dt = key
     if method in ("serial", "data-parallel"):
         return f"{method} ({rep} rank{'s' * (rep > 1)})"
-    return (f"{method} K={k}" + (f"xR={rep}" if rep > 1 else "") + (f" s={ds}" if ds > 1 else "")
+    return (f"{method} K={k}" + (f"xR={rep}" if rep > 1 else "") + (f" s={ds}" if ds != "1" else "")
             + (" bf16" if dt == "bfloat16" else ""))
 
 
@@ -97,7 +97,7 @@ def traffic(runs, path: str) -> None:
         if rs[0].ranks == 1:
             continue
         mb = np.mean([r.bytes_per_epoch("parallel" if par else "serial") for r in rs]) / 1e6
-        items.append((_label(key), mb, key[5] if par else 0))
+        items.append((_label(key), mb, int(key[5].split()[0]) if par else 0))
     if not items:
         return
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -30,11 +30,19 @@ class Run:
     status: str
     columns: dict = field(repr=False)
     attrs: dict = field(repr=False)
+    ds_up: str = "smooth"  # the DS upsampler (files written before it was a setting used nearest)
+
+    @property
+    def ds_label(self) -> str:
+        """The DS column: the factor, with the upsampler when it is not the default smooth one."""
+        return str(self.ds) if self.ds == 1 or self.ds_up == "smooth" else f"{self.ds} {self.ds_up}"
 
     @property
     def key(self):
-        """(dataset, model, method, stages, replicas, DS, message dtype): runs differing only in seed share it."""
-        return (self.dataset, self.model, self.method, self.stages, self.replicas, self.ds, self.message_dtype)
+        """(dataset, model, method, stages, replicas, DS label, message dtype): runs differing only in
+        seed share it."""
+        return (self.dataset, self.model, self.method, self.stages, self.replicas, self.ds_label,
+                self.message_dtype)
 
     @property
     def final_acc(self) -> float:
@@ -107,7 +115,8 @@ def load(paths) -> list[Run]:
             ds=int(cfg["parallel"]["ds"]) if parallel else 1,
             message_dtype=cfg["parallel"]["message_dtype"] if parallel else "-",
             seed=int(cfg["train"]["seed"]), phases=cfg["train"]["phases"], status=str(a.get("status")),
-            columns=m["columns"], attrs=a))
+            columns=m["columns"], attrs=a,
+            ds_up=cfg["parallel"].get("ds_up", "nearest") if parallel else "smooth"))
     return runs
 
 

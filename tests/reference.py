@@ -105,13 +105,13 @@ def simulate(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
 
 
 def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_size, micro, seed, lr, betas,
-             al_rho=0.5, message_dtype="float32", replicas=1):
+             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth"):
     """betas[k]: the penalty weight of boundary k+1 (the output of stage k). Returns (models, M) with
     M[k] the per-sample multipliers of boundary k+1 (AL) or None."""
     K = len(ranges)
     models = [make_model() for _ in range(K)]
     opts = [make_opt(m) for m in models]
-    filt = DSFilter(ds)
+    filt = DSFilter(ds, ds_up)
     wire = DTYPES[message_dtype]
     n, R = data.n_train, replicas
     sub = batch_size // R

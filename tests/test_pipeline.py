@@ -54,17 +54,20 @@ def stage_diff(model, ref_model, rng):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method,ds,wire,micro", [("penalty", 1, "float32", 4), ("al", 1, "float32", 2),
-                                                  ("penalty", 2, "float32", 1), ("al", 2, "bfloat16", 4),
-                                                  ("penalty", 1, "bfloat16", 2)])
-def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, micro):
+@pytest.mark.parametrize("method,ds,wire,micro,up", [("penalty", 1, "float32", 4, "smooth"),
+                                                     ("al", 1, "float32", 2, "smooth"),
+                                                     ("penalty", 2, "float32", 1, "smooth"),
+                                                     ("al", 2, "bfloat16", 4, "smooth"),
+                                                     ("penalty", 2, "float32", 2, "nearest"),
+                                                     ("penalty", 1, "bfloat16", 2, "smooth")])
+def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, micro, up):
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
-    pcfg = ParallelConfig(ds=ds, micro_batches=micro, message_dtype=wire)
+    pcfg = ParallelConfig(ds=ds, micro_batches=micro, message_dtype=wire, ds_up=up)
     model, eng, _ = run_engine(world, data, ranges, pcfg, method)
     ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=ds,
                        epochs=EPOCHS, batch_size=BATCH, micro=micro, seed=SEED, lr=LR,
-                       betas=betas_for(world.size), message_dtype=wire)
+                       betas=betas_for(world.size), message_dtype=wire, ds_up=up)
     k = world.rank
     dp = stage_diff(model, ref[k], ranges[k])
     moved = stage_diff(model, make_model(), ranges[k])

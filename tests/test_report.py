@@ -83,3 +83,17 @@ def test_skip_epochs_do_not_count_as_epoch_time():
             ds=1, message_dtype="float32", seed=0, phases="skip:2,serial:1", status="completed",
             columns=cols, attrs={})
     assert r.epoch_seconds("all") == 4.0 and r.epoch_seconds("serial") == 4.0
+
+
+def test_ds_upsamplers_are_separate_groups():
+    """DS runs with the nearest upsampler (and files from before it was a setting) do not average
+    with smooth ones: the DS column names the upsampler when it is not the default."""
+    from results.runs import Run, group
+
+    def run(ds, up, seed):
+        return Run(path="x", dataset="d", model="m", method="SPH-penalty", ranks=4, stages=4, replicas=1,
+                   ds=ds, message_dtype="float32", seed=seed, phases="penalty:4,serial:1",
+                   status="completed", columns={}, attrs={}, ds_up=up)
+    runs = [run(2, "smooth", 0), run(2, "smooth", 1), run(2, "nearest", 0), run(1, "smooth", 0)]
+    labels = sorted(k[5] for k in group(runs))
+    assert labels == ["1", "2", "2 nearest"]
