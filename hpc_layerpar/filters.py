@@ -31,7 +31,10 @@ class DSFilter:
         return x if self.s == 1 else F.avg_pool2d(x, self.s, stride=self.s)
 
     def _repeat(self, a: torch.Tensor) -> torch.Tensor:
-        return a.repeat_interleave(self.s, dim=2).repeat_interleave(self.s, dim=3)
+        """Each value over an s x s block (one broadcast copy: faster than two repeat_interleaves)."""
+        n, c, h, w = a.shape
+        s = self.s
+        return a[:, :, :, None, :, None].expand(n, c, h, s, w, s).reshape(n, c, h * s, w * s)
 
     def up(self, a: torch.Tensor) -> torch.Tensor:
         """a upsampled by s; a itself for s = 1. smooth: b = bilinear(a) plus the repeated block
