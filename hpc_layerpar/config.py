@@ -143,20 +143,14 @@ def _coerce(section: str, f: dataclasses.Field, value, hints):
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
             return value.lower() in ("true", "yes", "on", "1")
         raise ConfigError(f"{key}={value!r} is not a boolean; use true or false.")
-    if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number, e.g. {f.default}.")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r} is not an integer; give a whole number, e.g. {f.default}.") from None
-    if typ is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is not a number; give e.g. {f.default}.")
-        try:
-            return float(value)
+    if typ in (int, float):
+        what = "an integer; give a whole number," if typ is int else "a number; give"
+        try:  # booleans are ints to Python, and int(2.5) would truncate: neither is taken
+            if isinstance(value, bool) or (typ is int and not isinstance(value, (int, str))):
+                raise TypeError
+            return typ(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}={value!r} is not a number; give e.g. {f.default}.") from None
+            raise ConfigError(f"{key}={value!r} is not {what} e.g. {f.default}.") from None
     if typ is str:
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
             return "on" if value else "off"

@@ -178,8 +178,7 @@ def _split(ctx: RunContext) -> None:
     # The curvature guard: every rank measures its outgoing boundary on the whole network it holds
     # now, then the pipeline shares the caps (ALGORITHM.md s.4c).
     batch = sub_batch // ctx.micro if pc.coupling == "pipeline" else sub_batch
-    filt = DSFilter(pc.ds, pc.ds_up)
-    mine = agree(comm, lambda: G.beta_caps(ctx.model, ctx.ranges, ctx.data, filt, rank=ctx.topo.stage,
+    mine = agree(comm, lambda: G.beta_caps(ctx.model, ctx.ranges, ctx.data, DSFilter.of(pc), rank=ctx.topo.stage,
                                            coupling=pc.coupling, beta=pc.beta, lr=cfg.optim.lr, batch=batch,
                                            seed=cfg.train.seed, mode=pc.beta_guard))
     ctx.caps = ctx.pipe.allgather_obj(mine)

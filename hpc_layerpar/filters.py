@@ -21,6 +21,11 @@ class DSFilter:
         self.s = s
         self.smooth = up == "smooth"
 
+    @classmethod
+    def of(cls, pcfg) -> "DSFilter":
+        """The filter a run's parallel config asks for (parallel.ds, parallel.ds_up)."""
+        return cls(pcfg.ds, pcfg.ds_up)
+
     def coarse_shape(self, shape: tuple) -> tuple:
         """(C, H // s, W // s): the per-sample shape of a boundary's message after down()."""
         c, h, w = shape

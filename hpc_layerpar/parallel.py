@@ -44,7 +44,7 @@ class ParallelEngine:
         self.start, self.end = ranges[self.k]
         self.first, self.last = self.k == 0, self.k == self.K - 1
         self.prev, self.next = comm.neighbours()
-        self.filter = DSFilter(pcfg.ds, pcfg.ds_up)
+        self.filter = DSFilter.of(pcfg)
         self.window = pcfg.window
         self.eta = pcfg.eta
         self.msg_dtype = DTYPES[pcfg.message_dtype]

@@ -55,7 +55,7 @@ class PipelineEngine(StageGraphs):
         self.start, self.end = ranges[self.k]
         self.first, self.last = self.k == 0, self.k == self.K - 1
         self.prev, self.next = comm.neighbours()
-        self.filter = DSFilter(pcfg.ds, pcfg.ds_up)
+        self.filter = DSFilter.of(pcfg)
         self.M = micro_batches(pcfg, batch_size, smallest_map(model), self.K)
         self.msg_dtype = DTYPES[pcfg.message_dtype]
         self.device = data.device

@@ -151,7 +151,7 @@ def aux_bytes(model, ranges, n_train: int, pcfg, with_multipliers: bool) -> list
     """Bytes of per-sample auxiliary storage per rank. Epoch coupling: a_k (and m_k) of every
     training sample on rank k >= 1. Pipeline coupling: the auxiliary variables live only while a
     micro-batch is in flight; AL keeps per-sample multipliers of boundary k+1 on rank k."""
-    filt = DSFilter(pcfg.ds, pcfg.ds_up)
+    filt = DSFilter.of(pcfg)
     size = DTYPES[pcfg.aux_dtype].itemsize
     rows = [n_train * int(torch.Size(filt.coarse_shape(model.shapes[a])).numel()) * size for a, _ in ranges[1:]]
     if pcfg.coupling == "pipeline":

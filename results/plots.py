@@ -97,7 +97,7 @@ def traffic(runs, path: str) -> None:
         if rs[0].ranks == 1:
             continue
         mb = np.mean([r.bytes_per_epoch("parallel" if par else "serial") for r in rs]) / 1e6
-        items.append((_label(key), mb, int(key[5].split()[0]) if par else 0))
+        items.append((_label(key), mb, rs[0].ds if par else 0))
     if not items:
         return
     fig, ax = plt.subplots(figsize=(8, 4))
