@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of the train, presets, report and summary subcommands (usage errors on rank 0 only)."""
+    """The parser of the train, presets, plan, report and summary subcommands (usage errors on rank 0 only)."""
     p = _Parser(prog="hpc_layerpar", description="Layer-parallel training of residual networks (MPI).")
     p.add_argument("--version", action="version", version=f"hpc_layerpar {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("presets", help="list the named presets")
     sub.add_parser("report", help="tables (Markdown, CSV) and PNG plots from metrics files; "
                    "see `hpc_layerpar report --help`", add_help=False)
+    pl = sub.add_parser("plan", help="print the pipeline coupling's tick plan: what each rank does at each tick")
+    pl.add_argument("--ranks", type=int, required=True, metavar="K", help="pipeline stages (ranks)")
+    pl.add_argument("--micro", type=int, required=True, metavar="M", help="micro-batches per optimizer step")
+    pl.add_argument("--steps", type=int, default=2, help="optimizer steps in the epoch shown (default 2)")
+    pl.add_argument("--messages", action="store_true", help="show the sends and receives too")
     sm = sub.add_parser("summary", help="one line per metrics file: accuracy, time, traffic")
     sm.add_argument("files", nargs="+", metavar="RUN.h5")
     return p
@@ -86,6 +91,14 @@ def main(argv=None) -> int:
     if args.command == "presets":
         if world_rank() == 0:
             print(describe_presets())
+        return 0
+    if args.command == "plan":
+        from .pipeline_plan import render
+        for name in ("ranks", "micro", "steps"):
+            if getattr(args, name) < 1:
+                return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if world_rank() == 0:
+            print(render(args.ranks, args.micro * args.steps, args.micro, messages=args.messages))
         return 0
     if args.command == "summary":
         from .metrics import MetricsError

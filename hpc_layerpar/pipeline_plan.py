@@ -1,0 +1,106 @@
+"""The pipeline coupling's schedule as data (ALGORITHM.md s.4): per rank and tick, the actions the
+engine performs, in order. Pure: no tensors, no communicator; the engine walks it and has no tick
+arithmetic of its own, and tests check it without processes at any K.
+
+Tick t, rank k: F(t - k), then B(t - 2(K-1) + k) (the last rank: the same micro-batch, at once).
+  F j:  recv the auxiliary input of j from k-1 (rank 0: read the images), forward, send D(u) to k+1.
+  B j:  recv the adjoint of j from k+1 (the last rank: cross-entropy), backward, send the adjoint to k-1.
+  S g:  the optimizer step of global batch g, after the B of its last micro-batch.
+Every message a rank receives at tick t was sent by its neighbour at tick t-1, so a rank only waits
+for the previous tick of its neighbours; an epoch of n micro-batches takes n + 2(K-1) ticks."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVATIONS, ADJOINTS = "activations", "adjoints"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One thing a rank does at a tick. kind: "recv" or "send" (channel, peer, mb), "F" or "B" (mb),
+    or "S" (step = the global batch's index, mb = its last micro-batch)."""
+    kind: str
+    mb: int
+    channel: str | None = None
+    peer: int | None = None
+    step: int | None = None
+
+    def label(self) -> str:
+        """A short form for the printed grid: F3, B1, S0, and for messages <a3 (received), a3> (sent)."""
+        if self.kind in ("F", "B"):
+            return f"{self.kind}{self.mb}"
+        if self.kind == "S":
+            return f"S{self.step}"
+        c = self.channel[:2]
+        return f"<{c}{self.mb}" if self.kind == "recv" else f"{c}{self.mb}>"
+
+
+def ticks(stages: int, micro_batches: int) -> int:
+    """Ticks of an epoch of `micro_batches` micro-batches at `stages` ranks: the fill and drain are 2(K-1)."""
+    return micro_batches + 2 * (stages - 1) if micro_batches else 0
+
+
+def forward_at(rank: int, tick: int) -> int:
+    """The micro-batch rank forwards at tick (may be out of range: then nothing)."""
+    return tick - rank
+
+
+def backward_at(rank: int, stages: int, tick: int) -> int:
+    """The micro-batch rank back-propagates at tick (may be out of range: then nothing)."""
+    return tick - 2 * (stages - 1) + rank
+
+
+def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
+    """The actions of `rank` (of `stages`) at `tick` in an epoch of n micro-batches, per_step (M) of them
+    per optimizer step: a step follows the B of micro-batch j when (j + 1) % M == 0."""
+    if not 0 <= rank < stages:
+        raise ValueError(f"rank {rank} is not in 0..{stages - 1}")
+    first, last = rank == 0, rank == stages - 1
+    out = []
+    jf = forward_at(rank, tick)
+    if 0 <= jf < n:
+        if not first:
+            out.append(Action("recv", jf, ACTIVATIONS, rank - 1))
+        out.append(Action("F", jf))
+        if not last:
+            out.append(Action("send", jf, ACTIVATIONS, rank + 1))
+    jb = backward_at(rank, stages, tick)
+    if 0 <= jb < n:
+        if not last:
+            out.append(Action("recv", jb, ADJOINTS, rank + 1))
+        out.append(Action("B", jb))
+        if not first:
+            out.append(Action("send", jb, ADJOINTS, rank - 1))
+        if (jb + 1) % per_step == 0:
+            out.append(Action("S", jb, step=jb // per_step))
+    return out
+
+
+def rank_plan(rank: int, stages: int, n: int, per_step: int) -> list:
+    """Every tick of one rank's epoch: a list (per tick) of lists of Actions."""
+    if per_step < 1:
+        raise ValueError(f"micro-batches per step must be >= 1, got {per_step}")
+    return [rank_tick(rank, stages, t, n, per_step) for t in range(ticks(stages, n))]
+
+
+def plan(stages: int, n: int, per_step: int) -> list:
+    """plan[k][t]: the actions of rank k at tick t, for an epoch of n micro-batches."""
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    return [rank_plan(k, stages, n, per_step) for k in range(stages)]
+
+
+def render(stages: int, n: int, per_step: int, messages: bool = False) -> str:
+    """The plan as a grid a person can read: a row per rank, a column per tick; compute actions only
+    unless messages (then received <, sent >, on the activations 'ac' and adjoints 'ad' channels)."""
+    grid = plan(stages, n, per_step)
+    cells = [[" ".join(a.label() for a in acts if messages or a.kind in ("F", "B", "S")) or "."
+              for acts in row] for row in grid]
+    nt = ticks(stages, n)
+    width = max([len(c) for row in cells for c in row] + [len(str(max(nt - 1, 0)))])
+    head = "tick    " + " ".join(f"{t:>{width}d}" for t in range(nt))
+    lines = [f"K = {stages} ranks, {n} micro-batches, M = {per_step} per optimizer step: {nt} ticks "
+             f"(fill and drain 2(K-1) = {2 * (stages - 1)})", head]
+    for k, row in enumerate(cells):
+        lines.append(f"rank {k:<3d}" + " ".join(f"{c:>{width}s}" for c in row))
+    return "\n".join(lines)

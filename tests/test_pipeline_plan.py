@@ -1,0 +1,105 @@
+"""The pipeline's tick plan (pipeline_plan.py), checked as data without processes, up to K = 64."""
+import pytest
+
+from hpc_layerpar.pipeline_plan import ACTIVATIONS, ADJOINTS, plan, render, ticks
+
+from conftest import run_cli
+
+CASES = [(K, M, steps) for K in (1, 2, 3, 4, 8, 16, 64) for M in (1, 2, 4, 16) for steps in (1, 3)]
+
+
+def _where(grid):
+    """(rank, kind, mb, channel) -> [tick, ...] for every action of the plan."""
+    seen = {}
+    for k, row in enumerate(grid):
+        for t, acts in enumerate(row):
+            for a in acts:
+                seen.setdefault((k, a.kind, a.mb, a.channel), []).append(t)
+    return seen
+
+
+@pytest.mark.parametrize("K,M,steps", CASES)
+def test_every_micro_batch_forwarded_updated_and_stepped_once(K, M, steps):
+    n = M * steps
+    grid = plan(K, n, M)
+    assert len(grid) == K and all(len(row) == ticks(K, n) == n + 2 * (K - 1) for row in grid)
+    seen = _where(grid)
+    for k in range(K):
+        for j in range(n):
+            assert len(seen[(k, "F", j, None)]) == 1 and len(seen[(k, "B", j, None)]) == 1, (k, j)
+        fs = [a.mb for row in grid[k] for a in row if a.kind == "F"]
+        bs = [a.mb for row in grid[k] for a in row if a.kind == "B"]
+        assert fs == list(range(n)) and bs == list(range(n)), "in order, once each"
+        stepped = [(a.step, a.mb) for row in grid[k] for a in row if a.kind == "S"]
+        assert stepped == [(g, g * M + M - 1) for g in range(steps)], "one step per global batch"
+        for row in grid[k]:
+            kinds = [a.kind for a in row]
+            if "S" in kinds:  # the step follows the B of the global batch's last micro-batch
+                assert kinds.index("S") > kinds.index("B")
+
+
+@pytest.mark.parametrize("K,M,steps", CASES)
+def test_dependencies_only_on_the_previous_tick_of_the_neighbours(K, M, steps):
+    n = M * steps
+    grid = plan(K, n, M)
+    seen = _where(grid)
+    for k, row in enumerate(grid):
+        for t, acts in enumerate(row):
+            for a in acts:
+                if a.kind == "recv":
+                    assert abs(a.peer - k) == 1
+                    assert seen.get((a.peer, "send", a.mb, a.channel)) == [t - 1], (k, t, a)
+                if a.kind == "send":
+                    assert seen.get((a.peer, "recv", a.mb, a.channel)) == [t + 1], (k, t, a)
+            order = [(a.kind, a.mb, a.channel) for a in acts]
+            for i, (kind, j, ch) in enumerate(order):  # a message arrives before its compute, leaves after it
+                compute = order.index(("F" if ch == ACTIVATIONS else "B", j, None)) if ch else i
+                assert (kind != "recv" or i < compute) and (kind != "send" or i > compute), (k, t, order)
+    # the chain's ends: rank 0 receives no activations, the last rank no adjoints, nobody talks past them
+    assert not any(a.kind == "recv" and a.channel == ACTIVATIONS for row in grid[0] for a in row)
+    assert not any(a.kind == "recv" and a.channel == ADJOINTS for row in grid[K - 1] for a in row)
+
+
+@pytest.mark.parametrize("K", [1, 2, 4, 8, 64])
+def test_delay_and_in_flight_micro_batches(K):
+    """Stage k updates micro-batch j 2(K-1-k) ticks after its forward, and holds at most 2(K-1-k)+1
+    micro-batches in flight (ALGORITHM.md s.4, memory)."""
+    n, M = 40, 4
+    grid = plan(K, n, M)
+    seen = _where(grid)
+    for k in range(K):
+        for j in range(n):
+            assert seen[(k, "B", j, None)][0] - seen[(k, "F", j, None)][0] == 2 * (K - 1 - k)
+        inflight = peak = 0
+        for row in grid[k]:
+            inflight += sum(a.kind == "F" for a in row)
+            peak = max(peak, inflight)
+            inflight -= sum(a.kind == "B" for a in row)
+        assert inflight == 0 and peak <= 2 * (K - 1 - k) + 1
+
+
+def test_a_partial_last_group_takes_no_step():
+    """With n not a multiple of M, the trailing micro-batches are forwarded and updated, no step follows
+    them (what the engine does today with drop_last=false: see the issue on partial batches)."""
+    grid = plan(2, 5, 2)
+    assert [a.step for row in grid[0] for a in row if a.kind == "S"] == [0, 1]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="stages"):
+        plan(0, 4, 1)
+    with pytest.raises(ValueError, match="micro-batches per step"):
+        plan(2, 4, 0)
+
+
+def test_render_and_cli():
+    text = render(3, 4, 2)
+    lines = text.splitlines()
+    assert "8 ticks" in lines[0] and len(lines) == 2 + 3
+    assert lines[2].split()[2:4] == ["F0", "F1"] and "B0" in lines[4] and "S0" in lines[2]
+    assert "<ac0" in render(2, 2, 1, messages=True)
+    p = run_cli(["plan", "--ranks", "3", "--micro", "2", "--steps", "2"], n=1, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == text.strip()
+    bad = run_cli(["plan", "--ranks", "0", "--micro", "2"], n=1, timeout=120)
+    assert bad.returncode == 2 and "--ranks" in bad.stderr
