@@ -51,10 +51,9 @@ from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.dataformat import write_dataset  # noqa: E402
 from hpc_layerpar.models import build_model, count_parameters, place_model, smallest_map  # noqa: E402
 from hpc_layerpar.partition import balanced_partition, role_costs  # noqa: E402
-from hpc_layerpar.pipeline import PipelineEngine, _Epoch  # noqa: E402
+from hpc_layerpar.pipeline import PipelineEngine  # noqa: E402
 from hpc_layerpar.runsetup import element_costs  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
-from hpc_layerpar.stats import EpochSums  # noqa: E402
 
 MODELS = {"resnet20-mnist": (20, 1, 28, 10), "resnet56": (56, 3, 32, 10), "resnet110": (110, 3, 32, 10),
           "resnet8-tiny": (8, 1, 8, 4)}  # the last: the CPU smoke test of this script
@@ -178,17 +177,13 @@ def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps, micro=0):
                          method="penalty", batch_size=BATCH, drop_last=True, seed=0, graphs=GRAPHS())
     M, n = eng.M, eng.micro
     mbs = eng.micro_batches(0)
-    ep = _Epoch(epoch=0, lr_fn=lambda t: OPT.lr, beta=1.0, mbs=mbs, nb=len(mbs) // M, sums=EpochSums(DEV),
-                last_group=set())
     for p in model.parameters():
         p.grad = None
-    eng.bucket.attach()
-    eng.bucket.zero()
+    eng.stage.bucket.attach()
+    eng.stage.bucket.zero()
     eng.sums.reset()
-    ep.sums = eng.sums
-    eng.graphs.validate(eng._state())
-    eng.beta_t.fill_(1.0)
-    ep.dev = eng._epoch_inputs(0, mbs)
+    eng.graphs.begin_epoch(1.0)
+    dev = eng.graphs.epoch_inputs(mbs, lambda j, m: eng.draws(0, j, m))
     g = torch.Generator(device=DEV).manual_seed(k)
     a = None if eng.first else torch.randn((n,) + tuple(eng.in_shape), device=DEV, generator=g)
     if not eng.last:
@@ -198,22 +193,22 @@ def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps, micro=0):
     inbox = None if eng.first else torch.empty_like(a)
     it = iter(range(10**9))
 
-    def step():  # as PipelineEngine._forward / _backward_graphed / _step issue it, messages not sent
+    def step():  # as PipelineEngine._forward / _backward / _step issue it, messages not sent
         base = (next(it) % max(len(mbs) // M, 1)) * M
         for i in range(M):
             j = base + i
             if not eng.last:
-                d = eng._replay("F", ep, j, n, a=a)[0]
+                d = eng.graphs.replay("F", dev, j, n, a=a)[0]
                 outbox.copy_(d)
                 d.clone()  # the anchor kept for B
-                (adj,) = eng._replay("B", ep, j, n, a=a, p=p_in, anchor=anchor)
+                (adj,) = eng.graphs.replay("B", dev, j, n, a=a, p=p_in, anchor=anchor)
             else:
-                (adj,) = eng._replay("B", ep, j, n, a=a)
-            ep.sums.count(n, residual=not eng.last, ce=eng.last)
+                (adj,) = eng.graphs.replay("B", dev, j, n, a=a)
+            eng.sums.count(n, residual=not eng.last, ce=eng.last)
             if adj is not None:
                 inbox.copy_(adj)
-        eng.sgd.set_lr(OPT.lr)
-        eng._replay("S", ep, None, 0)
+        eng.stage.sgd.set_lr(OPT.lr)
+        eng.graphs.replay("S", dev, None, 0)
 
     ms = wall_ms(step, steps)
     sent = eng.bytes_per_epoch(BATCH, 4)
@@ -226,7 +221,7 @@ def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
     inputs come as the engine's do: stage 0 gathers its images (for F and again for B), the last
     stage its labels; the others read an auxiliary input."""
     model = new_model(depth, c, h, classes, precision="bf16")
-    start, end, M, n = eng.start, eng.end, eng.M, eng.micro
+    start, end, M, n = eng.stage.start, eng.stage.end, eng.M, eng.micro
     params = [p for el in model.elements[start:end] for p in el.parameters()]
     opt = torch.optim.SGD(params, lr=OPT.lr, momentum=OPT.momentum, nesterov=True, weight_decay=OPT.weight_decay)
     ids = torch.randint(0, data.n_train, (n,), device=DEV)

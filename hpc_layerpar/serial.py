@@ -28,7 +28,8 @@ class SerialEngine:
         self.device = data.device
         self.bucket = GradBucket(model.parameters(), self.device)
         self.graphs = GraphCache(graphs)
-        self.sgd = SGDUpdate(optimizer, model.parameters(), self.device) if self.graphs.enabled else None
+        # the one SGD update of the package, eager or captured: both paths round alike
+        self.sgd = SGDUpdate(optimizer, model.parameters(), self.device)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps per epoch: full batches only with drop_last, else a final partial batch too."""
@@ -49,9 +50,7 @@ class SerialEngine:
         samples = 0
         compute = 0.0
         for step, idx in enumerate(batches):
-            lr = lr_fn(epoch + step / len(batches))
-            for g in self.opt.param_groups:
-                g["lr"] = lr
+            self.sgd.set_lr(lr_fn(epoch + step / len(batches)))
             t0 = time.perf_counter()
             gb = len(idx)
             lo, hi = shard_range(gb, self.comm.size, self.comm.rank)
@@ -67,7 +66,7 @@ class SerialEngine:
             if self.comm.size > 1:
                 self.comm.allreduce_(self.bucket.flat, key="grads")
             t0 = time.perf_counter()
-            self.opt.step()
+            self.sgd()
             totals += self.bucket.extra  # stays on the device: no per-step host sync
             bad = torch.where(torch.isfinite(self.bucket.extra[0]), bad, torch.clamp(bad, max=step))
             samples += gb

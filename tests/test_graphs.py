@@ -18,6 +18,9 @@ from conftest import DEVICE, TOL, assert_all, run_cli
 
 MODE = "cuda" if DEVICE.type == "cuda" else "emulate"
 SEED, BATCH, LR = 7, 16, 0.05
+# The graph path runs the eager path's functions: on the CPU ("emulate") nothing may differ. A captured
+# CUDA graph may pick other kernels than the eager launch (cuDNN's algorithm search per capture).
+GRAPH_TOL = 0.0 if DEVICE.type == "cpu" else 2e-5 * TOL
 _LOCK = threading.Lock()
 
 
@@ -76,8 +79,9 @@ def test_warm_up_runs_leave_no_trace():
 def test_serial_graph_path_equals_eager(world, tiny_data, augmented, norm, batch):
     """Uneven shards and a partial last batch (two shapes), augmentation, a changing lr; with
     BatchNorm a last batch of 16, without it a last batch of 2, which leaves ranks 3 and 4 with
-    no sample (they contribute nothing). BatchNorm over a one-sample shard would blow the graph
-    path's last-bit SGD rounding up to 1e-2, so the empty-shard case runs without it."""
+    no sample (they contribute nothing). Both paths run the same SGD expression (graphs.SGDUpdate)
+    on the same kernels: on the CPU they must agree bitwise (BatchNorm over tiny shards amplified a
+    last-bit difference in the update to 4e-3 when the eager path used torch.optim.SGD)."""
     data = DeviceDataset(tiny_data, DEVICE)
     aug = Augment(pad=1, flip=True, seed=SEED) if augmented else None
     runs = []
@@ -93,7 +97,7 @@ def test_serial_graph_path_equals_eager(world, tiny_data, augmented, norm, batch
              if a.is_floating_point())
     dl = max(abs(a.train_loss - b.train_loss) for a, b in zip(s0, s1))
     same_acc = all(a.train_acc == b.train_acc and a.samples == b.samples for a, b in zip(s0, s1))
-    assert_all(world, dp < 2e-5 * TOL and dl < 1e-5 * TOL and same_acc,
+    assert_all(world, dp <= GRAPH_TOL and dl <= GRAPH_TOL and same_acc,
                f"graph path vs eager: state {dp:.2e}, loss {dl:.2e}, "
                f"accuracy {[(a.train_acc, b.train_acc) for a, b in zip(s0, s1)]}")
     # 64 samples: the full batches' shard and the last batch's
@@ -104,9 +108,8 @@ def test_serial_graph_path_equals_eager(world, tiny_data, augmented, norm, batch
 @pytest.mark.parametrize("ds,wire,augmented", [(1, "float32", False), (2, "float32", True)])
 def test_pipeline_graph_path_equals_eager(world, tiny_data, ds, wire, augmented):
     """Every stage's F, B and optimizer step through the graph path give the eager pipeline's
-    parameters and epoch statistics (penalty method; AL stays eager). Float32 messages: the graph
-    path updates with the learning rate as a tensor, which rounds differently from torch.optim.SGD (no
-    fused multiply-add), and bfloat16 messages would amplify that last-bit difference."""
+    parameters and epoch statistics (penalty method; AL stays eager): the same StageStep functions,
+    replayed over static buffers, bitwise on the CPU."""
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
     pcfg = ParallelConfig(ds=ds, message_dtype=wire, micro_batches=2)
@@ -126,9 +129,9 @@ def test_pipeline_graph_path_equals_eager(world, tiny_data, ds, wire, augmented)
     dl = max(abs(a.local_loss - b.local_loss) for a, b in zip(s0, s1))
     # the graph path sums inside the captured steps: every epoch figure must match the eager sums
     figures = ("residual", "train_loss", "train_acc", "samples", "steps", "first_bad_step")
-    same = all((getattr(a, f) == getattr(b, f)) or abs(getattr(a, f) - getattr(b, f)) < 1e-5 * TOL
+    same = all((getattr(a, f) == getattr(b, f)) or abs(getattr(a, f) - getattr(b, f)) <= GRAPH_TOL
                for a, b in zip(s0, s1) for f in figures if getattr(a, f) == getattr(a, f))  # NaN: n/a
-    assert_all(world, dp < 2e-5 * TOL and dl < 1e-5 * TOL and same,
+    assert_all(world, dp <= GRAPH_TOL and dl <= GRAPH_TOL and same,
                f"rank {world.rank}: params {dp:.2e}, local loss {dl:.2e}, stats {s0} vs {s1}")
     assert_all(world, eng.graphs.enabled and len(eng.graphs.entries) >= 1, "the graph path ran")
     probe = eng.probe_gradient()
