@@ -1,4 +1,5 @@
-"""All MPI in one place: a communicator wrapper with tensor collectives, host staging and counters."""
+"""All MPI in one place: Comm, the MPI implementation of commbase.Communicator (tensor messages and
+collectives with host staging; bytes counted by commbase.Counters, re-exported here), and Topology."""
 from __future__ import annotations
 
 import socket
@@ -10,25 +11,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from .commbase import Counters  # also re-exported: `from hpc_layerpar.comm import Counters` keeps working
 from .pending import _DEFERRED, Pending, _Done, _flush
-
-
-class Counters:
-    """Per-rank communication accounting, reset by the caller at epoch start."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        """Zero the byte and time counters."""
-        self.bytes_sent = 0
-        self.bytes_recv = 0
-        self.comm_seconds = 0.0   # all time inside MPI calls (posting, waiting, collectives)
-        self.wait_seconds = 0.0   # the part spent blocked on point-to-point messages
-
-    def as_tuple(self):
-        """(comm_seconds, wait_seconds, bytes_sent, bytes_recv), all as floats."""
-        return (self.comm_seconds, self.wait_seconds, float(self.bytes_sent), float(self.bytes_recv))
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -37,7 +21,8 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 
 class Comm:
-    """A duplicated communicator (our traffic never mixes with a library's) plus helpers.
+    """A duplicated communicator (our traffic never mixes with a library's) plus helpers: the MPI
+    implementation of commbase.Communicator.
 
     Tensors on CUDA devices are staged through pinned host buffers unless `cuda_aware` is set,
     so the same code is correct on any MPI; CPU tensors go to MPI as zero-copy numpy views."""
@@ -98,7 +83,7 @@ class Comm:
         assert t.is_contiguous()
         t0 = time.perf_counter()
         if dest != MPI.PROC_NULL:
-            self.counters.bytes_sent += t.numel() * t.element_size()
+            self.counters.count_send(t)
         if (t.device.type == "cuda" and not self.cuda_aware) or (t.device.type == "cpu" and self.stage_all):
             pending = self._isend_staged(t, dest, tag, key)
         else:
@@ -147,7 +132,7 @@ class Comm:
         req = self.mpi.Irecv(arr, source=source, tag=tag)
         self.counters.comm_seconds += time.perf_counter() - t0
         if source != MPI.PROC_NULL:
-            self.counters.bytes_recv += t.numel() * t.element_size()
+            self.counters.count_recv(t)
         on_done = None
         # nothing arrives from PROC_NULL: the staging buffer holds garbage then, leave t as it is
         if staged is not None and source != MPI.PROC_NULL:
@@ -191,11 +176,7 @@ class Comm:
             # non-blocking: the buffer's next use is a device-to-host copy queued behind this one
             t.copy_(staged, non_blocking=t.device.type == "cuda")
         self.counters.comm_seconds += time.perf_counter() - t0
-        if self.size > 1:
-            # MPI hides its algorithm; we count what a ring allreduce moves per rank.
-            vol = int(2 * (self.size - 1) * t.numel() * t.element_size() // self.size)
-            self.counters.bytes_sent += vol
-            self.counters.bytes_recv += vol
+        self.counters.count_allreduce(t, self.size)
         return t
 
     def allreduce_array(self, values, op="sum") -> np.ndarray:
@@ -215,12 +196,7 @@ class Comm:
         if staged is not None:
             t.copy_(staged, non_blocking=t.device.type == "cuda")
         self.counters.comm_seconds += time.perf_counter() - t0
-        nbytes = t.numel() * t.element_size()
-        if self.size > 1:
-            if self.rank == root:
-                self.counters.bytes_sent += nbytes
-            else:
-                self.counters.bytes_recv += nbytes
+        self.counters.count_bcast(t, self.rank, root, self.size)
         return t
 
     def bcast_obj(self, obj, root: int = 0):

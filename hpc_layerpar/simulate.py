@@ -1,8 +1,9 @@
 """The exact one-process simulator (`--set parallel.simulate=N`): N virtual ranks as N threads of one
-process, each running the very same training code (train.run) on an in-process communicator with the
-interface, message matching and byte accounting of comm.Comm. The parameters, auxiliary variables,
-multipliers and metrics equal those of an N-rank MPI job (the tests check it); the timings do not
-(the threads share this process's cores), so reports give no speed-up for simulated runs.
+process, each running the very same training code (train.run) on ThreadComm, an in-process implementation
+of commbase.Communicator (the interface comm.Comm implements with MPI) with Comm's message matching and
+byte accounting (both count through commbase.Counters). The parameters, auxiliary variables, multipliers
+and metrics equal those of an N-rank MPI job (the tests check it); the timings do not (the threads share
+this process's cores), so reports give no speed-up for simulated runs.
 
 Use it to study K = 8 or 16 stages on one GPU or a laptop."""
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import defaultdict, deque
 import numpy as np
 import torch
 
-from .comm import Counters
+from .commbase import Counters
 
 PROC_NULL = -32766  # sends to and receives from it are no-ops, as MPI.PROC_NULL
 POLL_S = 0.2        # how often a blocked thread looks whether the simulation was aborted
@@ -86,7 +87,7 @@ class _Recv:
 
 
 class ThreadComm:
-    """The comm.Comm interface for one virtual rank of a simulated job."""
+    """commbase.Communicator for one virtual rank of a simulated job (as comm.Comm is for an MPI rank)."""
 
     def __init__(self, hub: _Hub, rank: int):
         self.hub, self.rank, self.size = hub, rank, hub.size
@@ -101,7 +102,7 @@ class ThreadComm:
         if dest == PROC_NULL:
             return _Done()
         payload = t.detach().clone()
-        self.counters.bytes_sent += t.numel() * t.element_size()
+        self.counters.count_send(t)
         hub, k = self.hub, (dest, self.rank, tag)
         with hub.cond:
             if hub.receivers[k]:
@@ -115,7 +116,7 @@ class ThreadComm:
         """Post a receive into t from `source` with `tag`, matched in posting order; return the request to wait on."""
         if source == PROC_NULL:
             return _Done()
-        self.counters.bytes_recv += t.numel() * t.element_size()
+        self.counters.count_recv(t)
         req = _Recv(self, t)
         hub, k = self.hub, (self.rank, source, tag)
         with hub.cond:
@@ -150,14 +151,8 @@ class ThreadComm:
                 del hub.slots[seq]
         return out
 
-    def _ring_bytes(self, t):
-        if self.size > 1:
-            vol = int(2 * (self.size - 1) * t.numel() * t.element_size() // self.size)
-            self.counters.bytes_sent += vol
-            self.counters.bytes_recv += vol
-
     def allreduce_(self, t: torch.Tensor, key="allreduce") -> torch.Tensor:
-        """In-place sum of t over the virtual ranks; counts ring-allreduce bytes, as comm.Comm does."""
+        """In-place sum of t over the virtual ranks; counts ring-allreduce bytes (Counters.count_allreduce)."""
         t0 = time.perf_counter()
         parts = self._exchange(t.detach().clone())
         total = parts[0].clone()
@@ -165,7 +160,7 @@ class ThreadComm:
             total += p
         t.copy_(total)
         self.counters.comm_seconds += time.perf_counter() - t0
-        self._ring_bytes(t)
+        self.counters.count_allreduce(t, self.size)
         return t
 
     def allreduce_array(self, values, op="sum") -> np.ndarray:
@@ -181,12 +176,7 @@ class ThreadComm:
         if self.rank != root:
             t.copy_(parts[root])
         self.counters.comm_seconds += time.perf_counter() - t0
-        nbytes = t.numel() * t.element_size()
-        if self.size > 1:
-            if self.rank == root:
-                self.counters.bytes_sent += nbytes
-            else:
-                self.counters.bytes_recv += nbytes
+        self.counters.count_bcast(t, self.rank, root, self.size)
         return t
 
     def bcast_obj(self, obj, root: int = 0):
@@ -220,7 +210,7 @@ class ThreadComm:
         return child
 
     def free(self):
-        """Nothing to release; kept for the comm.Comm interface."""
+        """Nothing to release; part of the commbase.Communicator interface."""
 
 
 def run_simulated(n: int, fn, poll_s: float = POLL_S):

@@ -1,10 +1,14 @@
 """The communicator itself: point-to-point in a ring (direct and host-staged), the collectives, the
-byte counters, split() and the K x R topology. Marked `mpi`: they pass at any size, 1..4 ranks."""
+byte counters (the same as the simulator's), split() and the K x R topology. Marked `mpi`: they pass at
+any size, 1..4 ranks."""
 import pytest
 import torch
+from test_commbase import accounting_sequence, expected_bytes
 
 from hpc_layerpar.comm import Comm, Topology
+from hpc_layerpar.commbase import Communicator
 from hpc_layerpar.errors import ConfigError
+from hpc_layerpar.simulate import run_simulated
 
 from conftest import DEVICE, assert_all
 
@@ -90,6 +94,16 @@ def test_bcast_copies_the_roots_tensor_and_counts_one_direction(comm):
     ok = torch.equal(t, torch.arange(6, dtype=torch.float32) * comm.size) and \
         (sent, recv) == ((nbytes, 0) if comm.rank == root else (0, nbytes))
     assert_all(comm, ok, f"rank {comm.rank}: {t}, {(sent, recv)}")
+
+
+def test_byte_accounting_matches_the_formulas_and_the_simulator(comm):
+    """The sequence of test_commbase counts on Comm what its formulas say, and what ThreadComm counts
+    for the same rank at this size (an MPI job and its simulation report the same traffic)."""
+    mine = accounting_sequence(comm, DEVICE)
+    simulated = run_simulated(comm.size, lambda c: accounting_sequence(c, DEVICE))[comm.rank]
+    ok = isinstance(comm, Communicator) and mine == expected_bytes(comm.rank, comm.size) == simulated
+    assert_all(comm, ok, f"rank {comm.rank}: Comm {mine}, ThreadComm {simulated}, "
+                         f"formulas {expected_bytes(comm.rank, comm.size)}")
 
 
 def test_object_collectives_and_array_allreduce(comm):
