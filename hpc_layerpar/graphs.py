@@ -53,7 +53,15 @@ class SGDUpdate:
     def buffers(self) -> list:
         """The momentum buffers, in parameter order (the optimizer may have been handed new ones by a
         checkpoint load or a phase switch: read them afresh)."""
-        return [self.opt.state[p]["momentum_buffer"] for p in self.params]
+        out = []
+        for p in self.params:
+            st = self.opt.state[p]
+            if st.get("momentum_buffer") is None:
+                # what torch.optim.SGD's first step does (buf = g), as 0.9 * 0 + g: an optimizer made
+                # without serial.make_optimizer's zero buffers steps alike
+                st["momentum_buffer"] = torch.zeros_like(p)
+            out.append(st["momentum_buffer"])
+        return out
 
     @torch.no_grad()
     def __call__(self) -> None:
