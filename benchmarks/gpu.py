@@ -269,7 +269,7 @@ def split_costs_graph(depth, c, h, classes, micro: int) -> tuple:
     fb, fwd = element_costs(model, ParallelConfig(micro_batches=micro), solo, BATCH // micro_of(model, micro), DEV,
                             graphs=DEV.type == "cuda")
     solo.free()
-    return role_costs(fb, fwd, "pipeline") + (fb, fwd)
+    return role_costs(fb, fwd) + (fb, fwd)
 
 
 def GRAPHS() -> str:

@@ -1,23 +1,10 @@
-"""Per-sample auxiliary variables a_k (and AL multipliers m_k) of the boundary a rank owns, and the
-prox-linear update rules of ALGORITHM.md s.4; no MPI."""
+"""Per-sample tables of the boundary a rank owns (the pipeline's AL multipliers, ALGORITHM.md s.4),
+gathered and scattered by sample id; no MPI."""
 from __future__ import annotations
 
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def penalty_update(a, z, p, beta: float, eta: float):
-    """A <- (1-eta) A + eta (z - p/beta). (Fused: this runs on whole batches of activations.)"""
-    step = torch.add(z, p, alpha=-1.0 / beta)
-    return step if eta == 1.0 else torch.lerp(a, step, eta)
-
-
-def al_update(a, m, z, p, beta: float, eta: float):
-    """A <- (1-eta) A + eta (z + (M - p)/beta), then M <- M + beta (z - A_new)."""
-    step = torch.add(z, m - p, alpha=1.0 / beta)
-    a_new = step if eta == 1.0 else torch.lerp(a, step, eta)
-    return a_new, torch.add(m, z - a_new, alpha=beta)
 
 
 class AuxStore:
@@ -61,12 +48,3 @@ class AuxStore:
         """Write values into the rows of the sample ids idx of `a` (or `m`), in the store's dtype and location."""
         t = self.a if which == "a" else self.m
         t[self._idx(idx)] = values.to(self.home, self.dtype)
-
-    def set_rows(self, lo: int, hi: int, values) -> None:
-        """Rows lo:hi of the table (in the store's own row order, i.e. its ids in order)."""
-        self.a[lo:hi] = values.to(self.home, self.dtype)
-
-    def reset_multipliers(self) -> None:
-        """Zero the AL multipliers; nothing to do for a store without them."""
-        if self.m is not None:
-            self.m.zero_()

@@ -7,12 +7,12 @@ Layout of `run.checkpoint_dir` (default `<out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
     epoch-000012/
       meta.json          epoch, world size, stage ranges and costs, metrics path, accuracies, config
       model.pt           the whole network and SGD momentum: independent of the rank count
-      aux-rank1.pt ...   auxiliary variables (and AL multipliers) of each rank's boundary, when the
-                         checkpoint falls inside a parallel phase
+      aux-rank0.pt ...   the AL multipliers of each rank's outgoing boundary, when the checkpoint
+                         falls inside an AL phase
 
 The whole network is gathered before writing (one Bcast per stage), so a checkpoint taken at K
-ranks resumes at any rank count; auxiliary variables are reused only at the same K and split,
-otherwise the forward sweep rebuilds them (and AL multipliers restart at zero)."""
+ranks resumes at any rank count; AL multipliers are reused only at the same K and split,
+otherwise they restart at zero."""
 from __future__ import annotations
 
 import dataclasses
@@ -123,8 +123,8 @@ def load_model(path: str, model, optimizer) -> None:
 
 
 def load_aux(path: str, rank: int, store) -> bool:
-    """Load this rank's auxiliary variables (and AL multipliers; zero if the file has none) into store.
-    False, store untouched, without a store or file or when the table shape differs: the caller rebuilds."""
+    """Load this rank's per-sample table (the pipeline's AL multipliers) into store.
+    False, store untouched, without a store or file or when the table shape differs: it restarts at zero."""
     f = os.path.join(path, f"aux-rank{rank}.pt")
     if store is None or not os.path.exists(f):
         return False

@@ -59,27 +59,32 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    coupling: str = "pipeline"  # pipeline (ALGORITHM.md s.4) | epoch (s.4b: the per-epoch exchange, v1 rule)
-    micro_batches: int = 0      # pipeline: M micro-batches per global batch (one step per M); 0: auto
-    beta: float = 1.0           # penalty weight. pipeline: per element of the boundary; epoch: raw (v1)
+    coupling: str = "pipeline"  # pipeline (ALGORITHM.md s.4), the only one; kept so config files load
+    micro_batches: int = 0      # M micro-batches per global batch (one step per M); 0: auto
+    beta: float = 1.0           # penalty weight, per element of the boundary
     beta_guard: str = "auto"    # auto: cap beta where lr*beta*curvature > 1 | refuse: error | off
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)
     beta_max: float = 1.0e4
-    al_rho: float = 0.5         # pipeline AL: damping of the multiplier step, in (0, 1]
-    augment: bool = True        # pipeline: rank 0 augments in parallel epochs as well (epoch coupling: never)
-    eta: float = 1.0            # epoch coupling: relaxation of the auxiliary update, in (0, 1]
-    refresh_every: int = 0      # epoch coupling: forward sweep every N parallel epochs (0: at phase start)
+    al_rho: float = 0.5         # AL: damping of the multiplier step, in (0, 1]
+    augment: bool = True        # rank 0 augments in parallel epochs as well
     ds: int = 1                 # DS filter factor s in {1, 2, 4}: messages and storage / s^2
     ds_up: str = "smooth"       # DS upsampling U: smooth (bilinear, block means kept) | nearest (v1)
-    window: int = 4             # epoch coupling: batches of messages posted ahead
     message_dtype: str = "float32"   # float32 | bfloat16 (on the wire)
-    aux_dtype: str = "float32"       # float32 | bfloat16 (storage of a_k and m_k)
+    aux_dtype: str = "float32"       # float32 | bfloat16 (storage of the AL multipliers)
     aux_location: str = "device"     # device | host (pinned when the device is a GPU)
     bn_batches: int = 20        # training batches used to re-estimate BatchNorm statistics
     partition: str = "time"     # time (measured per element) | macs (analytic) | cut indices "4,9"
     replicas: int = 1           # R: world = K stages x R replicas in the parallel phase (data x layer)
     switch_momentum: str = "keep"    # entering a serial phase after a parallel one: keep | reset
     simulate: int = 0           # > 0: run that many virtual ranks as threads of this one process
+
+
+# Version 1's epoch coupling (parallel.coupling=epoch) was removed; so were the keys only it read.
+EPOCH_COUPLING_GONE = ("version 1's epoch coupling (parallel.coupling=epoch) was removed; its record is "
+                       "docs/ALGORITHM.md s.4b and s.10")
+REMOVED_KEYS = {"parallel.eta": "the relaxation of its auxiliary update",
+                "parallel.refresh_every": "its forward sweeps inside a phase",
+                "parallel.window": "the batches of messages it posted ahead"}
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,7 @@ def _coerce(section: str, f: dataclasses.Field, value, hints):
 def _build(overrides: dict) -> Config:
     if not isinstance(overrides, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(overrides).__name__}; "
-                          "see the README's config section.")
+                          "see docs/CONFIG.md.")
     sections = {f.name: f for f in fields(Config)}
     for name in overrides:
         if name not in sections:
@@ -186,6 +191,10 @@ def _build(overrides: dict) -> Config:
         known = {f.name: f for f in fields(cls)}
         kwargs = {}
         for key, value in given.items():
+            if f"{sname}.{key}" in REMOVED_KEYS:
+                raise ConfigError(f"config key '{sname}.{key}' ({REMOVED_KEYS[f'{sname}.{key}']}) was removed with "
+                                  f"the epoch coupling: {EPOCH_COUPLING_GONE}. Delete the key; the pipeline "
+                                  "coupling (parallel.coupling=pipeline) does without it.")
             if key not in known:
                 raise ConfigError(f"unknown config key '{sname}.{key}'.{_suggest(key, known)} "
                                   f"Valid keys of '{sname}': {', '.join(known)}.")
@@ -347,30 +356,26 @@ def _validate_run(cfg: Config) -> None:
 
 def _validate_parallel(cfg: Config) -> None:
     pc, d = cfg.parallel, cfg.data
-    _choice("parallel.coupling", pc.coupling, ("pipeline", "epoch"))
+    if pc.coupling == "epoch":
+        raise ConfigError(f"parallel.coupling='epoch': {EPOCH_COUPLING_GONE}. Use parallel.coupling=pipeline "
+                          "(the default and only coupling).")
+    _choice("parallel.coupling", pc.coupling, ("pipeline",))
     _choice("parallel.beta_guard", pc.beta_guard, ("auto", "refuse", "off"))
     _choice("parallel.switch_momentum", pc.switch_momentum, ("keep", "reset"))
     _positive("parallel.micro_batches", pc.micro_batches, strict=False)
     _positive("parallel.simulate", pc.simulate, strict=False)
-    _positive("parallel.refresh_every", pc.refresh_every, strict=False)
     if not 0 < pc.al_rho <= 1:
         raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")
-    if pc.coupling == "pipeline":
-        _positive("parallel.beta", pc.beta, strict=False)
-        if pc.micro_batches and d.batch_size % (pc.replicas * pc.micro_batches):
-            raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas x "
-                              f"parallel.micro_batches = {pc.replicas} x {pc.micro_batches}; change one of them.")
-    else:
-        _positive("parallel.beta", pc.beta)
+    _positive("parallel.beta", pc.beta, strict=False)
+    if pc.micro_batches and d.batch_size % (pc.replicas * pc.micro_batches):
+        raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas x "
+                          f"parallel.micro_batches = {pc.replicas} x {pc.micro_batches}; change one of them.")
     if pc.beta_growth < 1:
         raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
     if pc.beta_max < pc.beta:
         raise ConfigError(f"parallel.beta_max={pc.beta_max} must be >= parallel.beta={pc.beta}.")
-    if not 0 < pc.eta <= 1:
-        raise ConfigError(f"parallel.eta={pc.eta} must lie in (0, 1]; 1 is the plain prox-linear step.")
     _choice("parallel.ds", pc.ds, (1, 2, 4))
     _choice("parallel.ds_up", pc.ds_up, ("smooth", "nearest"))
-    _positive("parallel.window", pc.window)
     _choice("parallel.message_dtype", pc.message_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_dtype", pc.aux_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_location", pc.aux_location, ("device", "host"))

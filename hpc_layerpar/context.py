@@ -70,12 +70,10 @@ class RunContext:
                      milestones=o.milestones, gamma=o.gamma)
 
     def beta(self, scheduled: float) -> float:
-        """The penalty weight this rank's stage uses (after the curvature guard). Pipeline: its own
-        outgoing boundary's cap (NaN on the last stage); epoch coupling: one weight, every cap."""
+        """The penalty weight this rank's stage uses (after the curvature guard): scheduled, capped by
+        its own outgoing boundary's cap (NaN on the last stage)."""
         if not self.caps:
             return math.nan
-        if self.cfg.parallel.coupling == "epoch":
-            return min([scheduled] + [c[1] for c in self.caps[:-1]])
         k = self.pipe.rank
         return math.nan if k == len(self.caps) - 1 else min(scheduled, self.caps[k][1])
 
@@ -171,14 +169,13 @@ def _split(ctx: RunContext) -> None:
         ctx.fwd_costs = meta.element_forward_costs
     else:
         # timed on what a stage step runs on: the pipeline's micro-batches
-        step_batch = sub_batch // ctx.micro if pc.coupling == "pipeline" else sub_batch
-        ctx.costs, ctx.fwd_costs = element_costs(ctx.model, pc, comm, step_batch, ctx.device,
+        ctx.costs, ctx.fwd_costs = element_costs(ctx.model, pc, comm, sub_batch // ctx.micro, ctx.device,
                                                  graphs=ctx.serial.graphs.mode == "cuda")
         ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs, ctx.fwd_costs))
     # The curvature guard: every rank measures its outgoing boundary on the whole network it holds
     # now, then the pipeline shares the caps (ALGORITHM.md s.4c).
-    batch = sub_batch // ctx.micro if pc.coupling == "pipeline" else sub_batch
+    batch = sub_batch // ctx.micro
     mine = agree(comm, lambda: G.beta_caps(ctx.model, ctx.ranges, ctx.data, DSFilter.of(pc), rank=ctx.topo.stage,
-                                           coupling=pc.coupling, beta=pc.beta, lr=cfg.optim.lr, batch=batch,
+                                           beta=pc.beta, lr=cfg.optim.lr, batch=batch,
                                            seed=cfg.train.seed, mode=pc.beta_guard))
     ctx.caps = ctx.pipe.allgather_obj(mine)

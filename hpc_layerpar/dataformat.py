@@ -61,7 +61,7 @@ def write_dataset(path: str, *, name: str, train: tuple, test: tuple, num_classe
 
 def _remedy(path):
     return (f"Re-create it with `python -m data_prep <digits|mnist|cifar10|cifar100> --out {path}` "
-            "(see the README's data section).")
+            "(see docs/USER_GUIDE.md, Data).")
 
 
 def read_dataset(path: str, verify: bool = True) -> dict:

@@ -1,12 +1,12 @@
 """Health of the parallel phase, measured after every parallel epoch on a probe batch: the epoch's
 last global batch (the pipeline keeps coupling state only for micro-batches in flight, so the
-freshest batch is the one both couplings can be measured on).
+freshest batch is the one it can be measured on).
 
 - consistency at boundary k: mean over the probe samples of ||a_k - D(x_k)|| / ||D(x_k)||, where a_k
   is the auxiliary variable stage k trains on and x_k the true forward state of the current network;
 - gradient fidelity of stage k: the cosine between the gradient the stage would take for the probe
-  batch with the coupling information it holds for it (its auxiliary inputs, the adjoints or targets
-  of its outgoing boundary) and the gradient true back-propagation gives on the same samples, both at
+  batch with the coupling information it holds for it (its auxiliary inputs, the adjoints of its
+  outgoing boundary) and the gradient true back-propagation gives on the same samples, both at
   the parameters of the end of the epoch: how well the coupling stands in for back-propagation;
   and the ratio of their norms, which the cosine cannot see (a gradient scaled by 1/M per boundary
   once went unnoticed behind cosines of 0.9).
@@ -41,7 +41,7 @@ def probe(model, ranges, comm, data, filt, engine) -> tuple[float, float, float]
     after the epoch. The true pass goes micro-batch by micro-batch, so BatchNorm sees the same
     batches as the engine's gradients did."""
     pr = engine.probe
-    local = engine.probe_gradient()  # (collective for the epoch coupling: targets travel)
+    local = engine.probe_gradient()
     k, K = comm.rank, comm.size
     start, end = ranges[k]
     prev, nxt = comm.neighbours()

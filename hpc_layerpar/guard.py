@@ -27,7 +27,7 @@ def penalty_curvature(model, start: int, end: int, x: torch.Tensor, filt, per_el
                       iters: int = 12, seed: int = 0) -> float:
     """Largest eigenvalue of the Gauss-Newton matrix of the stage's penalty per unit beta:
     (1/n) J^T J with J = d D(Phi(x)) / d theta over the batch x (n samples), divided by the
-    boundary's element count when the penalty is a per-element mean (pipeline coupling).
+    boundary's element count when the penalty is a per-element mean (as the pipeline's is).
     Power iteration with Jacobian-vector products (double backward); BatchNorm in train mode as in
     training, running statistics untouched. Works on a copy of the stage."""
     import copy
@@ -72,16 +72,17 @@ def stage_inputs(model, ranges, data, batch: int, seed: int) -> list:
     return out
 
 
-def beta_caps(model, ranges, data, filt, *, rank: int, coupling: str, beta: float, lr: float,
-              batch: int, seed: int, mode: str) -> tuple[float, float]:
+def beta_caps(model, ranges, data, filt, *, rank: int, beta: float, lr: float, batch: int, seed: int,
+              mode: str) -> tuple[float, float]:
     """(curvature per unit beta, cap on beta) of this rank's outgoing boundary (nan, inf on the
-    last rank). mode: auto (the cap is applied) | refuse (ConfigError when beta exceeds the cap) |
-    off (cap = inf). The caller gathers the values so every rank knows every boundary's."""
+    last rank); beta weighs the per-element mean of the pipeline's penalty. mode: auto (the cap is
+    applied) | refuse (ConfigError when beta exceeds the cap) | off (cap = inf). The caller gathers
+    the values so every rank knows every boundary's."""
     if rank == len(ranges) - 1 or mode == "off":
         return (math.nan, math.inf)
     a, b = ranges[rank]
     x = stage_inputs(model, ranges, data, batch, seed)[rank]
-    kappa = penalty_curvature(model, a, b, x, filt, per_element=(coupling == "pipeline"), seed=seed)
+    kappa = penalty_curvature(model, a, b, x, filt, per_element=True, seed=seed)
     cap = SAFE / (lr * kappa) if kappa > 0 else math.inf
     if mode == "refuse" and beta > cap:
         raise ConfigError(

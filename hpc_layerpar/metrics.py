@@ -29,7 +29,7 @@ COLUMNS = {
     "test_acc": ("f8", False, "test accuracy of the true network in [0, 1]; NaN when not evaluated"),
     "beta": ("f8", False, "penalty / AL weight of a parallel epoch; NaN in serial epochs"),
     "epoch_seconds": ("f8", False, "wall time of the training epoch (max over ranks), no evaluation"),
-    "switch_seconds": ("f8", False, "phase-switch work before the epoch: forward sweep, stage sharing"),
+    "switch_seconds": ("f8", False, "phase-switch work before the epoch: a new engine, stage sharing"),
     "eval_seconds": ("f8", False, "wall time of the evaluation after the epoch (0 when none)"),
     "compute_seconds": ("f8", True, "per rank: seconds of the epoch outside MPI calls"),
     "comm_seconds": ("f8", True, "per rank: seconds inside MPI calls (posting, waiting, collectives)"),

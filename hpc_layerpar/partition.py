@@ -78,13 +78,10 @@ def balanced_partition(costs, k: int, last=None, starts=None) -> list[tuple[int,
     return ranges
 
 
-def role_costs(costs, forward, coupling: str):
+def role_costs(costs, forward):
     """(costs of each element in a non-last stage, in the last stage) for balanced_partition.
     costs: forward + backward per element; forward: the forward alone (None: a third of costs).
-    Pipeline coupling: a non-last stage adds F's forward to B's forward + backward; the epoch
-    coupling computes each forward once."""
-    if coupling != "pipeline":
-        return list(costs), list(costs)
+    A non-last stage of the pipeline adds F's forward to B's forward + backward."""
     forward = [c / 3 for c in costs] if forward is None else forward
     return [int(round(c + f)) for c, f in zip(costs, forward)], list(costs)
 

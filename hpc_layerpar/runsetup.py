@@ -111,13 +111,12 @@ def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = Fal
         return [int(round(c)) for c in comm.allreduce_array(mine) / comm.size]
 
     fb = mean(measure_costs(model, batch_size, device, graphs=graphs))
-    fwd = mean(measure_costs(model, batch_size, device, graphs=graphs, forward=True)) \
-        if pcfg.coupling == "pipeline" else None
+    fwd = mean(measure_costs(model, batch_size, device, graphs=graphs, forward=True))
     return fb, fwd
 
 
-def _role_split(costs, forward, coupling: str, k: int, starts=None) -> list:
-    upstream, last = role_costs(costs, forward, coupling)
+def _role_split(costs, forward, k: int, starts=None) -> list:
+    upstream, last = role_costs(costs, forward)
     return balanced_partition(upstream, k, last, starts)
 
 
@@ -134,7 +133,7 @@ def stage_ranges(model, k: int, pcfg, costs, forward=None) -> list:
     try:
         starts = ds_starts(model, pcfg.ds)
         ranges = parse_cuts(pcfg.partition, len(model), k) or \
-            _role_split(costs, forward, pcfg.coupling, k, starts)
+            _role_split(costs, forward, k, starts)
     except ValueError as exc:  # PartitionError is a ValueError
         why = "" if starts is None else (f" parallel.ds={pcfg.ds} divides the activations only where elements "
                                          f"{starts} start; use a smaller parallel.ds or fewer ranks.")
@@ -148,12 +147,9 @@ def stage_ranges(model, k: int, pcfg, costs, forward=None) -> list:
 
 
 def aux_bytes(model, ranges, n_train: int, pcfg, with_multipliers: bool) -> list:
-    """Bytes of per-sample auxiliary storage per rank. Epoch coupling: a_k (and m_k) of every
-    training sample on rank k >= 1. Pipeline coupling: the auxiliary variables live only while a
+    """Bytes of per-sample auxiliary storage per rank. The auxiliary variables live only while a
     micro-batch is in flight; AL keeps per-sample multipliers of boundary k+1 on rank k."""
     filt = DSFilter.of(pcfg)
     size = DTYPES[pcfg.aux_dtype].itemsize
     rows = [n_train * int(torch.Size(filt.coarse_shape(model.shapes[a])).numel()) * size for a, _ in ranges[1:]]
-    if pcfg.coupling == "pipeline":
-        return [r if with_multipliers else 0 for r in rows] + [0]
-    return [0] + [r * (2 if with_multipliers else 1) for r in rows]
+    return [r if with_multipliers else 0 for r in rows] + [0]

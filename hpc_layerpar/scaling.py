@@ -3,14 +3,14 @@ times and the message sizes of ALGORITHM.md s.4, with a latency-bandwidth networ
 
     serial back-propagation   T_1 = sum_i t_i                       (t_i: forward+backward of element i)
     parallel phase (K)        T_P = max_k [ r_k C_k + o_k , X_k ]   C_k: stage k's compute of the balanced split;
-                              r_k = 4/3 for the pipeline coupling's non-last stages (their forward runs
-                              twice: F without gradients, then the recompute of B), 1 otherwise
+                              r_k = 4/3 for the pipeline's non-last stages (their forward runs
+                              twice: F without gradients, then the recompute of B), 1 for the last
                               o_k = copies of its boundary activations in and out (memory bandwidth)
                               X_k = time to send and receive its messages (latency + bytes / bandwidth);
                               messages are posted ahead and overlap compute, so only the larger counts
     data-parallel (K)         T_D = T_1 / K + ring allreduce of all gradients (not overlapped, as in serial.py)
     SPH run                   per epoch, a fraction f of parallel epochs and 1 - f data-parallel ones,
-                              plus a forward sweep and a stage exchange per switch
+                              plus a stage exchange per switch
 
 rho = T_1 / T_method. The model ignores what the measurement basis already contains (optimizer
 step and data handling are inside t_i only as far as measured) and assumes batch-size-linear
@@ -51,15 +51,14 @@ class Model:
 
 
 
-def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4,
-                  aux_bytes: int = 4, coupling: str = "pipeline", micro: int = 4,
+def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4, micro: int = 4,
                   steps_per_epoch: int = 390) -> tuple[float, list]:
-    """(seconds per step of the parallel phase at K = k, the split used). Pipeline coupling: the
+    """(seconds per step of the parallel phase at K = k, the split used). The pipeline's
     non-last stages compute their forward twice, M micro-batches per step, and every epoch fills and
     drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps."""
     us = [max(1, int(t * 1e6)) for t in m.element_seconds]
     # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
-    up, last = role_costs(us, None, coupling)
+    up, last = role_costs(us, None)
     ranges = balanced_partition(up, k, last)
     comp = [c / 1e6 for c in stage_costs(up, ranges, last)]  # the recompute counted upstream
     worst = 0.0
@@ -69,17 +68,11 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
         wire = m.batch * (out_n + in_n) * msg_bytes              # one message each way per boundary
         n_msgs = (s < k - 1) + (s > 0)
         comm = n_msgs * net.latency_s + wire / net.bandwidth
-        if coupling == "pipeline":
-            # in flight: a kept until the update, the anchor and the adjoint read once ~ 4 passes
-            local = m.batch * (2 * in_n * msg_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
-            work = comp[s]
-            comm += 2 * micro * net.latency_s  # one message per micro-batch each way
-        else:
-            # local traffic: targets out, aux in, update (read a, p, z; write a) ~ 6 passes over a_k
-            local = m.batch * (6 * in_n * aux_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
-            work = comp[s]
-        worst = max(worst, work + local, comm)
-    if coupling == "pipeline" and k > 1:
+        # in flight: a kept until the update, the anchor and the adjoint read once ~ 4 passes
+        local = m.batch * (2 * in_n * msg_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
+        comm += 2 * micro * net.latency_s  # one message per micro-batch each way
+        worst = max(worst, comp[s] + local, comm)
+    if k > 1:
         worst *= 1.0 + 2 * (k - 1) / (micro * steps_per_epoch)  # fill and drain once per epoch
     return worst, ranges
 
@@ -107,16 +100,12 @@ def rho_dataparallel(m: Model, k: int, net: Network) -> float:
 def rho_sph(m: Model, k: int, net: Network, *, parallel_fraction: float = 0.8, phase_epochs: int = 4,
             steps_per_epoch: int = 390, **kw) -> float:
     """Whole SPH runs, per epoch on average: parallel epochs, data-parallel correction epochs, and
-    per parallel phase two stage exchanges (parameters and momentum, 8 bytes per parameter) and,
-    for the epoch coupling, a forward sweep (about a third of a step's compute per batch,
-    pipelined over the stages)."""
+    per parallel phase two stage exchanges (parameters and momentum, 8 bytes per parameter)."""
     t1 = sum(m.element_seconds)
-    tp, ranges = parallel_step(m, k, net, steps_per_epoch=steps_per_epoch, **kw)
+    tp, _ = parallel_step(m, k, net, steps_per_epoch=steps_per_epoch, **kw)
     td = dataparallel_step(m, k, net)
-    sweep = 0.0 if kw.get("coupling", "pipeline") == "pipeline" else \
-        steps_per_epoch * max(stage_costs([max(1, int(t * 1e6)) for t in m.element_seconds], ranges)) / 1e6 / 3
     exchange = 2 * (k * net.latency_s + 8 * m.parameters / net.bandwidth)
     phases_per_epoch = parallel_fraction / phase_epochs
     per_epoch = (parallel_fraction * steps_per_epoch * tp + (1 - parallel_fraction) * steps_per_epoch * td
-                 + phases_per_epoch * (sweep + exchange))
+                 + phases_per_epoch * exchange)
     return steps_per_epoch * t1 / per_epoch

@@ -98,10 +98,9 @@ class EpochStep:
     enter: the work before the epoch trains
       ""         nothing (an epoch inside a phase, or a serial phase after a serial or skip one)
       "share"    a serial phase after a parallel one: every rank gathers the stages and momentum
-      "phase"    a parallel phase starts: a new engine (epoch coupling: a forward sweep)
+      "phase"    a parallel phase starts: a new engine
       "resume"   this launch starts inside a parallel phase: a new engine that reuses the saved
-                 auxiliary variables when the split is the same (else: as "phase")
-      "refresh"  epoch coupling only: a forward sweep inside the phase (parallel.refresh_every)"""
+                 AL multipliers when the split is the same (else: as "phase")"""
     epoch: int
     phase_index: int
     method: str
@@ -114,7 +113,7 @@ class EpochStep:
 
 
 def epoch_plan(phases: list[Phase], *, start_epoch: int = 0, eval_every: int = 1, checkpoint_every: int = 0,
-               stop_after: int = 0, refresh_every: int = 0, coupling: str = "pipeline") -> list[EpochStep]:
+               stop_after: int = 0) -> list[EpochStep]:
     """The steps from start_epoch (0, or the epoch after a checkpoint) to the end of the run."""
     n = total_epochs(phases)
     starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
@@ -128,13 +127,10 @@ def epoch_plan(phases: list[Phase], *, start_epoch: int = 0, eval_every: int = 1
         if phase.method == "serial" and new_phase and prev_parallel:
             enter = "share"
         elif phase.method in PARALLEL:
-            into = epoch - starts[pidx]  # epochs of this phase before this one
             if new_phase:
                 enter = "phase"
             elif epoch == start_epoch:
                 enter = "resume"
-            elif coupling == "epoch" and refresh_every and into % refresh_every == 0:
-                enter = "refresh"
         last = epoch == n - 1
         stop = bool(stop_after) and epoch + 1 == stop_after and not last
         out.append(EpochStep(

@@ -20,7 +20,6 @@ from .config import Config
 from .context import RunContext, build_context
 from .evaluate import evaluate, recalibrate_bn
 from .models import count_parameters
-from .parallel import ParallelEngine
 from .partition import role_costs, stage_costs
 from .pipeline import PipelineEngine
 from .progress import Progress, epoch_line
@@ -28,7 +27,6 @@ from .runsetup import aux_bytes
 from .schedule import PARALLEL, EpochStep, beta_for_epoch, epoch_plan
 from .stages import share_stages
 from .stats import PhaseStats
-from .sweep import forward_sweep
 
 # EX_TEMPFAIL: stopped by a signal after a checkpoint. The SLURM template requeues the job on it
 # (after the ranks have left MPI cleanly); elsewhere, run again with --resume auto.
@@ -92,14 +90,12 @@ def _remedy(cfg: Config, phase: str) -> str:
 
 
 def make_parallel_engine(ctx: RunContext, method: str):
-    """The engine of a parallel phase for the configured coupling (ALGORITHM.md s.4 / s.4b)."""
+    """The engine of a parallel phase: the pipeline coupling (ALGORITHM.md s.4)."""
     cfg = ctx.cfg
     kw = {"method": method, "batch_size": cfg.data.batch_size, "drop_last": cfg.data.drop_last,
           "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard}
-    if cfg.parallel.coupling == "pipeline":
-        return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
-                              augment=ctx.augment, graphs=ctx.serial.graphs.mode, **kw)
-    return ParallelEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel, **kw)
+    return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
+                          augment=ctx.augment, graphs=ctx.serial.graphs.mode, **kw)
 
 
 @dataclass
@@ -111,9 +107,9 @@ class _Loop:
     last_ckpt: str | None = None
 
 
-def _stage_costs(ctx: RunContext, pc) -> list:
+def _stage_costs(ctx: RunContext) -> list:
     """Each stage's cost in its role in the parallel phase (what the split balanced)."""
-    upstream, last = role_costs(ctx.costs, ctx.fwd_costs, pc.coupling)
+    upstream, last = role_costs(ctx.costs, ctx.fwd_costs)
     return stage_costs(upstream, ctx.ranges, last)
 
 
@@ -131,7 +127,7 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         extra = {}
         if ctx.ranges is not None:
             extra = {"stage_ranges": [list(r) for r in ctx.ranges], "element_costs": ctx.costs, "replicas": R,
-                     "partition": pc.partition, "stage_costs": _stage_costs(ctx, pc),
+                     "partition": pc.partition, "stage_costs": _stage_costs(ctx),
                      "element_forward_costs": ctx.fwd_costs or [],
                      "aux_bytes": aux_sizes, "coupling": pc.coupling, "micro_batches": ctx.micro,
                      "penalty_curvature": [c[0] for c in ctx.caps], "beta_cap": [c[1] for c in ctx.caps]}
@@ -166,11 +162,10 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
                  f"phases {cfg.train.phases}, batch {cfg.data.batch_size}")
     if ctx.ranges is not None:
         shown = [("%.3g" % c[1]) if math.isfinite(c[1]) else "-" for c in ctx.caps[:-1]]
-        sc = _stage_costs(ctx, pc)
+        sc = _stage_costs(ctx)
         shares = [round(c / sum(sc), 3) for c in sc]
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
-                     f"stage cost shares {shares}; coupling {pc.coupling}"
-                     + (f" ({ctx.micro} micro-batches per step)" if pc.coupling == "pipeline" else "")
+                     f"stage cost shares {shares}; coupling {pc.coupling} ({ctx.micro} micro-batches per step)"
                      + f"; DS factor {pc.ds}" + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
                      + f"; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
@@ -196,7 +191,7 @@ def _inject_faults(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
 
 
 def _enter(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
-    """The work before an epoch trains: gather the stages, start or resume a parallel phase, sweep."""
+    """The work before an epoch trains: gather the stages, or start or resume a parallel phase."""
     if step.method not in PARALLEL:
         if step.enter == "share":
             share_stages(ctx.model, ctx.ranges, ctx.pipe, ctx.opt)  # every rank gets the whole network
@@ -208,17 +203,10 @@ def _enter(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
     if step.enter in ("phase", "resume") or loop.engine is None:
         loop.engine = make_parallel_engine(ctx, step.method)
     eng = loop.engine
-    # Resuming inside a phase at the checkpoint's split reuses the saved auxiliary state (AL
-    # multipliers; epoch coupling: a and m); at another split it is rebuilt.
-    reuse = step.enter == "resume" and ctx.same_split
-    if reuse and eng.store is not None:
-        reuse = C.load_aux(ctx.src, ctx.comm.rank, eng.store)
-    # a collective decision: the sweep is collective
-    if ctx.cfg.parallel.coupling == "epoch" and (
-            (not all(ctx.comm.allgather_obj(reuse)) and step.enter in ("phase", "resume"))
-            or step.enter == "refresh"):
-        forward_sweep(ctx.model, ctx.ranges, ctx.pipe, ctx.data, eng.store, eng.filter,
-                      ctx.cfg.data.batch_size // ctx.cfg.parallel.replicas, ids=ctx.shard)
+    # Resuming inside a phase at the checkpoint's split reuses the saved AL multipliers; at another
+    # split they restart at zero.
+    if step.enter == "resume" and ctx.same_split and eng.store is not None:
+        C.load_aux(ctx.src, ctx.comm.rank, eng.store)
 
 
 def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) -> tuple:
@@ -279,7 +267,7 @@ def _row(ctx: RunContext, step: EpochStep, mine: dict, extra: dict):
     if ctx.comm.rank != 0:
         return None
     col = {k: [r[k] for r in per_rank] for k in mine}
-    if ctx.cfg.parallel.coupling == "pipeline" and step.method in PARALLEL:
+    if step.method in PARALLEL:
         # boundary k's residual and multipliers live on rank k-1: report them at rank k
         for key in ("residual", "multiplier_norm"):
             col[key] = [math.nan] + col[key][:-1]
@@ -321,8 +309,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
     if ctx.meta is not None:
         loop.best, loop.final = ctx.meta.best_test_acc, ctx.meta.final_test_acc
     plan = epoch_plan(ctx.phases, start_epoch=ctx.start_epoch, eval_every=cfg.train.eval_every,
-                      checkpoint_every=cfg.run.checkpoint_every, stop_after=cfg.run.stop_after,
-                      refresh_every=cfg.parallel.refresh_every, coupling=cfg.parallel.coupling)
+                      checkpoint_every=cfg.run.checkpoint_every, stop_after=cfg.run.stop_after)
     with StopRequest() as stop:
         for step in plan:
             comm.counters.reset()

@@ -48,7 +48,7 @@ def test_exception_on_one_rank_aborts_the_whole_job(tmp_path):
 
 
 def test_exception_during_a_parallel_phase_aborts_without_hanging(tmp_path):
-    """Rank 2 of 3 fails while its neighbours have messages posted ahead in the window."""
+    """Rank 2 of 3 fails while its neighbours have receives posted ahead (channels.AHEAD)."""
     data = make_dataset(tmp_path / "d.h5")
     p = run_cli(["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}",
                  "--set", "data.batch_size=16", "--set", "model.depth=8", "--set", "train.phases=penalty:3",
@@ -123,7 +123,7 @@ def test_simulated_run_has_the_metrics_of_the_mpi_run(tmp_path, precision):
 @pytest.mark.spawns
 def test_deterministic_runs_every_phase_and_matches_the_default_on_cpu(tmp_path):
     """run.deterministic=true turns on PyTorch's deterministic algorithms, which raise for any op
-    without a deterministic kernel: serial and both parallel couplings must run under it. On the CPU
+    without a deterministic kernel: serial and parallel epochs must run under it. On the CPU
     (one thread) the default kernels are deterministic already, so the figures are the same."""
     import numpy as np
 
@@ -132,8 +132,7 @@ def test_deterministic_runs_every_phase_and_matches_the_default_on_cpu(tmp_path)
             "--set", "model.depth=8", "--set", "train.phases=al:1,serial:1", "--set", "parallel.simulate=2",
             "--set", "parallel.partition=macs",  # a timed split may differ between launches
             "--set", "run.threads=1", "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs"]
-    for name, extra in (("plain", []), ("det", ["--set", "run.deterministic=true"]),
-                        ("det-epoch", ["--set", "run.deterministic=true", "--set", "parallel.coupling=epoch"])):
+    for name, extra in (("plain", []), ("det", ["--set", "run.deterministic=true"])):
         p = run_cli(base + ["--set", f"run.name={name}"] + extra, n=1)
         assert p.returncode == 0, p.stderr
     (a,), (b,) = (tmp_path / "runs").glob("plain-*.h5"), (tmp_path / "runs").glob("det-2*.h5")

@@ -40,7 +40,12 @@ def test_layering_preset_file_set(tmp_path):
     (["optim.momentum=0", "optim.nesterov=true"], "nesterov=true needs optim.momentum > 0"),
     (["data.augment=maybe"], "is not a boolean"),
     (["noequals"], "section.key=value"),
-    (["parallel.coupling=async"], "parallel.coupling='async' is not one of pipeline, epoch"),
+    (["parallel.coupling=async"], "parallel.coupling='async' is not one of pipeline\\."),
+    (["parallel.coupling=epoch"], "parallel.coupling='epoch': version 1's epoch coupling \\(parallel.coupling=epoch\\) "
+                                  "was removed; its record is docs/ALGORITHM.md s.4b and s.10. Use "
+                                  "parallel.coupling=pipeline"),
+    (["parallel.window=4"], "config key 'parallel.window' .* was removed with the epoch coupling: .*"
+                            "docs/ALGORITHM.md s.4b and s.10. Delete the key"),
     (["parallel.micro_batches=3"], "divisible by parallel.replicas x parallel.micro_batches"),
     (["parallel.beta_guard=maybe"], "is not one of auto, refuse, off"),
     (["parallel.al_rho=0"], "parallel.al_rho=0.0 must lie in \\(0, 1\\]"),
@@ -50,6 +55,20 @@ def test_layering_preset_file_set(tmp_path):
 def test_bad_values_name_value_and_remedy(sets, match):
     with pytest.raises(ConfigError, match=match):
         resolve("digits-resnet-serial", None, sets)
+
+
+def test_removed_epoch_coupling_keys_in_a_config_file_are_named(tmp_path):
+    """An old config file (or a metrics file's stored config) that carries the epoch coupling's keys
+    gets an error naming the key and saying why it went, not 'unknown key'."""
+    for key, value in (("eta", 0.5), ("refresh_every", 2), ("window", 4)):
+        f = tmp_path / f"{key}.yaml"
+        f.write_text(f"parallel:\n  coupling: pipeline\n  {key}: {value}\n")
+        with pytest.raises(ConfigError, match=f"config key 'parallel.{key}' .* was removed with the epoch coupling"):
+            resolve("digits-resnet-serial", str(f))
+    old = resolve("digits-resnet-penalty").to_dict()
+    old["parallel"]["coupling"] = "epoch"
+    with pytest.raises(ConfigError, match="epoch coupling .* was removed"):
+        from_dict(old)
 
 
 def test_unknown_preset_and_missing_file():

@@ -59,7 +59,7 @@ def brute_force_roles(costs, last, k):
                                    [3, 8, 2, 2, 8, 1, 6], [0, 0, 5, 0, 0]])
 def test_role_costs_optimal_against_brute_force(costs):
     """The pipeline weighs an element by its stage's role: upstream it runs its forward twice."""
-    up, last = role_costs(costs, None, "pipeline")
+    up, last = role_costs(costs, None)
     assert up == [round(c * 4 / 3) for c in costs] and last == costs
     for k in range(1, len(costs) + 1):
         ranges = balanced_partition(up, k, last)
@@ -70,10 +70,9 @@ def test_role_costs_optimal_against_brute_force(costs):
 def test_role_split_gives_the_last_stage_more():
     """Equal elements: the last stage, which does not recompute, takes more of them (8 = 4/3 x 6
     upstream elements' cost); measured forward costs replace the 1/3 estimate."""
-    up, last = role_costs([3] * 20, [1] * 20, "pipeline")
+    up, last = role_costs([3] * 20, [1] * 20)
     assert up == [4] * 20
     assert balanced_partition(up, 2, last) == [(0, 9), (9, 20)]  # 36 upstream, 33 at the end
-    assert role_costs([3, 3], [1, 2], "epoch") == ([3, 3], [3, 3])
 
 
 def brute_force_best_with_starts(costs, k, starts, last):

@@ -115,29 +115,20 @@ def test_pipeline_hybrid_stages_times_replicas_equal_reference(world, tiny_data,
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("coupling,method,ds,wire", [("pipeline", "penalty", 1, "float32"),
-                                                     ("pipeline", "al", 2, "bfloat16"),
-                                                     ("epoch", "al", 2, "bfloat16"),
-                                                     ("epoch", "penalty", 1, "float32")])
-def test_simulator_equals_mpi(world, tiny_data, coupling, method, ds, wire):
+@pytest.mark.parametrize("method,ds,wire", [("penalty", 1, "float32"),
+                                            ("al", 2, "bfloat16")])
+def test_simulator_equals_mpi(world, tiny_data, method, ds, wire):
     """The one-process simulator (K threads on an in-process communicator) gives the parameters,
     auxiliary variables and multipliers the K MPI ranks give."""
-    from hpc_layerpar.parallel import ParallelEngine
-    from hpc_layerpar.sweep import forward_sweep
-
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
-    pcfg = ParallelConfig(coupling=coupling, ds=ds, message_dtype=wire, micro_batches=2, window=2,
-                          beta=0.02 if coupling == "epoch" else 1.0)
+    pcfg = ParallelConfig(ds=ds, message_dtype=wire, micro_batches=2, beta=1.0)
 
     def train(comm):
         model = make_model()
         opt = make_optimizer(model, OPT)
-        cls = PipelineEngine if coupling == "pipeline" else ParallelEngine
-        eng = cls(model, opt, comm, data, ranges, pcfg, method=method, batch_size=BATCH, drop_last=True,
-                  seed=SEED)
-        if coupling == "epoch":
-            forward_sweep(model, ranges, comm, data, eng.store, eng.filter, BATCH)
+        eng = PipelineEngine(model, opt, comm, data, ranges, pcfg, method=method, batch_size=BATCH,
+                             drop_last=True, seed=SEED)
         sent = []
         for e in range(EPOCHS):
             comm.counters.reset()
@@ -181,7 +172,7 @@ def test_frozen_parameters_keep_every_auxiliary_variable_on_the_true_state(world
     """Contraction of the pipeline coupling's auxiliary dynamics, in its strongest form: with the
     parameters frozen (lr = 0) the auxiliary variable a stage trains on is the true forward state
     after one tick, the penalty residual D(u') - a is zero and AL multipliers stay zero, every epoch.
-    (For the epoch coupling see test_parallel.py: it contracts only when beta exceeds the curvature.)"""
+   """
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
     for method in ("penalty", "al"):

@@ -97,3 +97,32 @@ def test_ds_upsamplers_are_separate_groups():
     runs = [run(2, "smooth", 0), run(2, "smooth", 1), run(2, "nearest", 0), run(1, "smooth", 0)]
     labels = sorted(k[5] for k in group(runs))
     assert labels == ["1", "2", "2 nearest"]
+
+
+def test_report_reads_files_of_the_removed_epoch_coupling(runs, tmp_path):
+    """Result folders keep version 1's runs (parallel.coupling=epoch, with its keys eta, refresh_every,
+    window): the report and the summary read them although a run can no longer be configured so."""
+    import json
+
+    _, out = runs
+
+    def penalty_k2(f):
+        with h5py.File(f, "r") as h:
+            cfg = json.loads(h.attrs["config"])
+            return cfg["train"]["phases"].startswith("penalty") and cfg["parallel"]["ds"] == 1 \
+                and "simulated_ranks" not in h.attrs
+
+    src = next(f for f in sorted(out.glob("*.h5")) if penalty_k2(f))
+    old = tmp_path / "v1.h5"
+    old.write_bytes(src.read_bytes())
+    with h5py.File(old, "a") as f:
+        cfg = json.loads(f.attrs["config"])
+        cfg["parallel"].update(coupling="epoch", eta=1.0, refresh_every=0, window=4)
+        f.attrs["config"] = json.dumps(cfg)
+        f.attrs["coupling"] = "epoch"
+    p = run_cli(["report", str(old), "--out", str(tmp_path / "rep"), "--target", "0.3"])
+    assert p.returncode == 0, p.stderr
+    with open(tmp_path / "rep" / "summary.csv") as fh:
+        assert [r["method"] for r in csv.DictReader(fh)] == ["SPH-penalty"]
+    p = run_cli(["summary", str(old)])
+    assert p.returncode == 0, p.stderr

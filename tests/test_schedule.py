@@ -72,12 +72,11 @@ def test_epoch_plan_resumed_inside_a_parallel_phase_and_into_a_serial_phase():
     assert _plan("penalty:2,serial:2", start_epoch=3)[0][:3] == (3, "serial", "")
 
 
-def test_epoch_plan_refresh_stop_and_skip():
-    plan = _plan("penalty:5", refresh_every=2, coupling="epoch", stop_after=3)
-    assert [p[2] for p in plan] == ["phase", "", "refresh", "", "refresh"]
+def test_epoch_plan_stop_and_skip():
+    plan = _plan("penalty:5", stop_after=3)
+    assert [p[2] for p in plan] == ["phase", "", "", "", ""], "a phase is entered once"
     assert [p[6] for p in plan] == [False, False, True, False, False]
     assert plan[2][5], "a stop checkpoints"
-    assert [p[2] for p in _plan("penalty:5", refresh_every=2)] == ["phase", "", "", "", ""], "pipeline: no sweeps"
     assert [(p[1], p[2], p[4]) for p in _plan("skip:2,serial:1")] == [
         ("skip", "", False), ("skip", "", False), ("serial", "", True)]
     assert _plan("penalty:1,skip:1,serial:1")[2][2] == "share", "the stages are still apart after a skip"
