@@ -42,7 +42,9 @@ class SGDUpdate:
         self.opt = opt
         self.params = [p for p in params if p.requires_grad]
         self.momentum, self.nesterov, self.wd = g["momentum"], g["nesterov"], g["weight_decay"]
-        self.lr = torch.zeros((), dtype=torch.float32, device=device)
+        # the optimizer's lr (a checkpoint's last step's): what Stage.ahead predicts with before the
+        # first step of a new engine, so a resumed run predicts as the uninterrupted one did
+        self.lr = torch.full((), float(g["lr"]), dtype=torch.float32, device=device)
 
     def set_lr(self, lr: float) -> None:
         """The learning rate of the next step (a fill kernel on the device: no host sync)."""

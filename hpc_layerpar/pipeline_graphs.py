@@ -92,6 +92,8 @@ class PipelineGraphs:
                 mb.flip.copy_(flip[lo:lo + n])
         for name, t in tensors.items():
             buf = getattr(mb, name)
-            if buf is not None and t is not None:
+            if buf is not None:
+                if t is None:  # a replay over a stale buffer would train on the previous micro-batch
+                    raise ValueError(f"graph step {kind} of micro-batch {j}: no {name} given")
                 buf.copy_(t)
         return graph()

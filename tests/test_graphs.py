@@ -38,15 +38,18 @@ def make_model(norm="batch"):
     return place_model(m, DEVICE)
 
 
-@pytest.mark.parametrize("nesterov,wd", [(True, 5e-4), (False, 0.0)])
-def test_sgd_update_matches_torch_sgd(nesterov, wd):
+@pytest.mark.parametrize("nesterov,wd,momentum,prefill", [(True, 5e-4, 0.9, True), (False, 0.0, 0.9, True),
+                                                         (True, 5e-4, 0.9, False), (False, 5e-4, 0.0, False)])
+def test_sgd_update_matches_torch_sgd(nesterov, wd, momentum, prefill):
+    """SGDUpdate, the package's one SGD update, against torch.optim.SGD: with the zero momentum buffers
+    make_optimizer creates, without them (created as SGD's first step would), and without momentum."""
     g = torch.Generator().manual_seed(0)
     base = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
     a = [t.clone().to(DEVICE).requires_grad_(True) for t in base]
     b = [t.clone().to(DEVICE).requires_grad_(True) for t in base]
-    opt_a = torch.optim.SGD(a, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd)
-    opt_b = torch.optim.SGD(b, lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=wd)
-    for p in b:
+    opt_a = torch.optim.SGD(a, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    opt_b = torch.optim.SGD(b, lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    for p in b if prefill else []:
         opt_b.state[p]["momentum_buffer"] = torch.zeros_like(p)
     upd = SGDUpdate(opt_b, b, DEVICE)
     for step in range(5):
