@@ -57,8 +57,9 @@ class PipelineEngine:
         self.msg_dtype = DTYPES[pcfg.message_dtype]
         self.al_rho = pcfg.al_rho
         self.augment = augment if pcfg.augment else None
+        self._drawn = (None, None, None, None)  # (epoch, global batch, offsets, flips) last drawn
         self.sums = EpochSums(self.device)  # the same tensors every epoch: captured B steps add to them
-        self.step = StageStep(self.stage, data, self.augment, self.M, self.sums)
+        self.step = StageStep(self.stage, data, self.augment, self.M, self.sums, predict=pcfg.predict)
         self.graphs = PipelineGraphs(self.step, GraphCache(graphs if method == "penalty" else "off"), self.device)
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None
@@ -108,7 +109,9 @@ class PipelineEngine:
         if self.augment is None or not self.stage.first:
             return None
         g, i = divmod(j, self.M)
-        offsets, flips = self.augment.draws(epoch, g, self.sub_batch)
+        if self._drawn[:2] != (epoch, g):  # one draw per global batch, not per micro-batch
+            self._drawn = (epoch, g, *self.augment.draws(epoch, g, self.sub_batch))
+        offsets, flips = self._drawn[2:]
         rows = slice(i * self.micro, i * self.micro + n)
         return offsets[rows], flips[rows]
 

@@ -61,10 +61,13 @@ class Objective:
 class StageStep:
     """F, B and S of the stage `stage` (stages.Stage) over MicroBatch records. data: the DeviceDataset;
     augment: rank 0's augmentation (or None); micro: M, the micro-batches of one optimizer step;
-    sums: the epoch's stats.EpochSums, accumulated on the device (so a captured B can hold them)."""
+    sums: the epoch's stats.EpochSums, accumulated on the device (so a captured B can hold them).
+    predict: "momentum" runs F at the parameters predicted for the time of the micro-batch's B,
+    2(K-1-k)/M optimizer steps later (Stage.ahead); "off" at the current ones."""
 
-    def __init__(self, stage, data, augment, micro: int, sums):
+    def __init__(self, stage, data, augment, micro: int, sums, predict: str = "off"):
         self.stage, self.data, self.augment, self.M, self.sums = stage, data, augment, micro, sums
+        self.ahead_steps = 2 * (stage.K - 1 - stage.k) / micro if predict == "momentum" else 0.0
 
     def input(self, mb: MicroBatch, grad: bool):
         """(x, leaf): the stage's input and, on ranks k >= 1, the auxiliary leaf it was upsampled from."""
@@ -79,7 +82,8 @@ class StageStep:
     @torch.no_grad()
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """F: the message D(Phi_k(U(a))) this stage sends downstream (no gradients)."""
-        return self.stage.filter.down(self.stage(self.input(mb, False)[0]))
+        with self.stage.ahead(self.ahead_steps):
+            return self.stage.filter.down(self.stage(self.input(mb, False)[0]))
 
     def objective(self, mb: MicroBatch, beta) -> Objective:
         """The local objective of s.3 on one micro-batch: cross-entropy on the last rank; elsewhere
