@@ -71,7 +71,8 @@ def main():
     out = {}
     if a.validate:
         with open(a.validate) as fh:
-            measured = json.load(fh)
+            # the peers' rows (DDP, torch pipelining) have no project method or depth: nothing to model
+            measured = [r for r in json.load(fh) if "method" in r and "depth" in r]
         here = S.Network("this machine (shared-memory MPI)", 1e-6, 5e9, memory_bandwidth())
         print(f"Validation at K = 2 on this machine (memory bandwidth {here.memory_bandwidth / 1e9:.1f} GB/s):")
         print("| model | method | measured rho | modelled rho | error |")
@@ -84,8 +85,8 @@ def main():
                 if r["method"] == "serial":
                     label, pred = "data-parallel", S.rho_dataparallel(m, 2, here)
                 else:
-                    label = f"{r['method']} ds={r['ds']} {r['message_dtype']}"
-                    pred = S.rho_parallel(m, 2, here, ds=r["ds"],
+                    label = f"{r['method']} ds={r['ds']} {r['message_dtype']} M={r['micro_batches']}"
+                    pred = S.rho_parallel(m, 2, here, ds=r["ds"], micro=r["micro_batches"],
                                           msg_bytes=2 if r["message_dtype"] == "bfloat16" else 4)
                 err = (pred - r["rho"]) / r["rho"]
                 print(f"| resnet{depth} | {label} | {r['rho']:.2f} | {pred:.2f} | {100 * err:+.1f}% |")

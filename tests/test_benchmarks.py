@@ -43,3 +43,17 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     assert r["engine_graph_bf16"] > 0 and len(r["stages"]["2/auto"]["engine_ms"]) == 2
     costs = json.loads((tmp_path / "c.json").read_text())["models"]["resnet8-tiny"]
     assert len(costs["element_seconds"]) == 5 and "| 2 |" in p.stdout
+
+
+def test_peers_run_end_to_end():
+    """benchmarks/peers.py on 2 processes: plain PyTorch on 1, DDP, GPipe and 1F1B on 2 (gloo from MPICH's
+    PMI variables), one JSON line each with a positive per-step time; a smoke run, its figures mean nothing."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "peers.py"), "--ranks", "2", "--depth", "8",
+                        "--batch", "8", "--warmup", "1", "--steps", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {r["config"]: r for r in map(json.loads, p.stdout.splitlines())}
+    assert sorted(rows) == ["1f1b", "ddp", "gpipe", "plain"]
+    assert all(r["step_seconds"] > 0 for r in rows.values())
+    assert rows["plain"]["ranks"] == 1 and rows["ddp"]["ranks"] == 2 == len(rows["gpipe"]["ranges"])
+    assert rows["1f1b"]["micro_batches"] == 4
