@@ -50,6 +50,11 @@ def backward_at(rank: int, stages: int, tick: int) -> int:
     return tick - 2 * (stages - 1) + rank
 
 
+def delay(rank: int, stages: int) -> int:
+    """Ticks from a micro-batch's F to its B on `rank`: 2(K-1-k) (the last rank: 0)."""
+    return forward_at(rank, 0) - backward_at(rank, stages, 0)
+
+
 def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
     """The actions of `rank` (of `stages`) at `tick` in an epoch of n micro-batches, per_step (M) of them
     per optimizer step: a step follows the B of micro-batch j when (j + 1) % M == 0."""

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .pipeline_plan import delay
+
 
 @dataclass
 class MicroBatch:
@@ -67,7 +69,7 @@ class StageStep:
 
     def __init__(self, stage, data, augment, micro: int, sums, predict: str = "off"):
         self.stage, self.data, self.augment, self.M, self.sums = stage, data, augment, micro, sums
-        self.ahead_steps = 2 * (stage.K - 1 - stage.k) / micro if predict == "momentum" else 0.0
+        self.ahead_steps = delay(stage.k, stage.K) / micro if predict == "momentum" else 0.0
 
     def input(self, mb: MicroBatch, grad: bool):
         """(x, leaf): the stage's input and, on ranks k >= 1, the auxiliary leaf it was upsampled from."""

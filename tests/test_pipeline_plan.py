@@ -1,7 +1,7 @@
 """The pipeline's tick plan (pipeline_plan.py), checked as data without processes, up to K = 64."""
 import pytest
 
-from hpc_layerpar.pipeline_plan import ACTIVATIONS, ADJOINTS, plan, render, ticks
+from hpc_layerpar.pipeline_plan import ACTIVATIONS, ADJOINTS, delay, plan, render, ticks
 
 from conftest import run_cli
 
@@ -69,7 +69,7 @@ def test_delay_and_in_flight_micro_batches(K):
     seen = _where(grid)
     for k in range(K):
         for j in range(n):
-            assert seen[(k, "B", j, None)][0] - seen[(k, "F", j, None)][0] == 2 * (K - 1 - k)
+            assert seen[(k, "B", j, None)][0] - seen[(k, "F", j, None)][0] == 2 * (K - 1 - k) == delay(k, K)
         inflight = peak = 0
         for row in grid[k]:
             inflight += sum(a.kind == "F" for a in row)
