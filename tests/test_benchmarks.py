@@ -57,3 +57,27 @@ def test_peers_run_end_to_end():
     assert all(r["step_seconds"] > 0 for r in rows.values())
     assert rows["plain"]["ranks"] == 1 and rows["ddp"]["ranks"] == 2 == len(rows["gpipe"]["ranges"])
     assert rows["1f1b"]["micro_batches"] == 4
+
+
+def test_time_to_accuracy_end_to_end(tmp_path):
+    """benchmarks/time_to_accuracy.py on digits, depth 8, 2 epochs: serial BP on 1 rank, data-parallel,
+    SPH penalty and pure parallel on 2 real MPI ranks, then tta.md, tta.json (4 runs, one entry per epoch)
+    and tta.png; a smoke run, its timings mean nothing."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    data = tmp_path / "digits.h5"
+    d = subprocess.run([sys.executable, "-m", "data_prep", "digits", "--out", str(data)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60, env=env)
+    assert d.returncode == 0, d.stderr[-3000:]
+    out = tmp_path / "tta"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "time_to_accuracy.py"), "--dataset", "digits",
+                        "--data", str(data), "--ranks", "2", "--epochs", "2", "--set", "model.depth=8",
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    r = json.loads((out / "tta.json").read_text())
+    assert [x["label"] for x in r["runs"]] == ["serial BP", "data-parallel", "SPH penalty", "pure parallel"]
+    assert [x["ranks"] for x in r["runs"]] == [1, 2, 2, 2]
+    for x in r["runs"]:
+        assert len(x["cum_seconds"]) == len(x["test_acc"]) == 2 and x["status"] == "completed"
+        assert 0 < x["cum_seconds"][0] <= x["cum_seconds"][1] and None not in x["test_acc"]
+    assert r["runs"][0]["speedup_to_target"] == 1.0 and r["target"] is not None
+    assert "time to target" in (out / "tta.md").read_text() and (out / "tta.png").stat().st_size > 0
