@@ -67,7 +67,6 @@ class ParallelConfig:
     beta_max: float = 1.0e4
     al_rho: float = 0.5         # AL: damping of the multiplier step, in (0, 1]
     augment: bool = True        # rank 0 augments in parallel epochs as well
-    predict: str = "off"        # F at predicted weights: off | momentum (theta - d lr v, d the stage's delay)
     ds: int = 1                 # DS filter factor s in {1, 2, 4}: messages and storage / s^2
     ds_up: str = "smooth"       # DS upsampling U: smooth (bilinear, block means kept) | nearest (v1)
     message_dtype: str = "float32"   # float32 | bfloat16 (on the wire)
@@ -377,7 +376,6 @@ def _validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.beta_max={pc.beta_max} must be >= parallel.beta={pc.beta}.")
     _choice("parallel.ds", pc.ds, (1, 2, 4))
     _choice("parallel.ds_up", pc.ds_up, ("smooth", "nearest"))
-    _choice("parallel.predict", pc.predict, ("off", "momentum"))
     _choice("parallel.message_dtype", pc.message_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_dtype", pc.aux_dtype, ("float32", "bfloat16"))
     _choice("parallel.aux_location", pc.aux_location, ("device", "host"))

@@ -42,8 +42,8 @@ class SGDUpdate:
         self.opt = opt
         self.params = [p for p in params if p.requires_grad]
         self.momentum, self.nesterov, self.wd = g["momentum"], g["nesterov"], g["weight_decay"]
-        # the optimizer's lr (a checkpoint's last step's): what Stage.ahead predicts with before the
-        # first step of a new engine, so a resumed run predicts as the uninterrupted one did
+        # the optimizer's lr (a checkpoint's last step's), not 0: anything that reads it before a new
+        # engine's first step sees after a resume what the uninterrupted run saw
         self.lr = torch.full((), float(g["lr"]), dtype=torch.float32, device=device)
 
     def set_lr(self, lr: float) -> None:

@@ -59,7 +59,7 @@ class PipelineEngine:
         self.augment = augment if pcfg.augment else None
         self._drawn = (None, None, None, None)  # (epoch, global batch, offsets, flips) last drawn
         self.sums = EpochSums(self.device)  # the same tensors every epoch: captured B steps add to them
-        self.step = StageStep(self.stage, data, self.augment, self.M, self.sums, predict=pcfg.predict)
+        self.step = StageStep(self.stage, data, self.augment, self.M, self.sums)
         self.graphs = PipelineGraphs(self.step, GraphCache(graphs if method == "penalty" else "off"), self.device)
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None

@@ -10,8 +10,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .pipeline_plan import delay
-
 
 @dataclass
 class MicroBatch:
@@ -63,13 +61,10 @@ class Objective:
 class StageStep:
     """F, B and S of the stage `stage` (stages.Stage) over MicroBatch records. data: the DeviceDataset;
     augment: rank 0's augmentation (or None); micro: M, the micro-batches of one optimizer step;
-    sums: the epoch's stats.EpochSums, accumulated on the device (so a captured B can hold them).
-    predict: "momentum" runs F at the parameters predicted for the time of the micro-batch's B,
-    2(K-1-k)/M optimizer steps later (Stage.ahead); "off" at the current ones."""
+    sums: the epoch's stats.EpochSums, accumulated on the device (so a captured B can hold them)."""
 
-    def __init__(self, stage, data, augment, micro: int, sums, predict: str = "off"):
+    def __init__(self, stage, data, augment, micro: int, sums):
         self.stage, self.data, self.augment, self.M, self.sums = stage, data, augment, micro, sums
-        self.ahead_steps = delay(stage.k, stage.K) / micro if predict == "momentum" else 0.0
 
     def input(self, mb: MicroBatch, grad: bool):
         """(x, leaf): the stage's input and, on ranks k >= 1, the auxiliary leaf it was upsampled from."""
@@ -84,8 +79,7 @@ class StageStep:
     @torch.no_grad()
     def forward(self, mb: MicroBatch) -> torch.Tensor:
         """F: the message D(Phi_k(U(a))) this stage sends downstream (no gradients)."""
-        with self.stage.ahead(self.ahead_steps):
-            return self.stage.filter.down(self.stage(self.input(mb, False)[0]))
+        return self.stage.filter.down(self.stage(self.input(mb, False)[0]))
 
     def objective(self, mb: MicroBatch, beta) -> Objective:
         """The local objective of s.3 on one micro-batch: cross-entropy on the last rank; elsewhere

@@ -3,8 +3,6 @@ message shapes), and gathering every stage from its owner so that every rank hol
 network (before evaluating it, and when a serial phase starts)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from .buckets import GradBucket, flatten, unflatten
@@ -47,24 +45,6 @@ class Stage:
     def state(self) -> list:
         """What the stage's steps update in place: parameters, buffers, momentum, gradients."""
         return self.params + self.buffers() + self.sgd.buffers() + [self.bucket.flat]
-
-    @contextlib.contextmanager
-    def ahead(self, steps: float):
-        """Within the block the parameters are predicted `steps` optimizer steps ahead,
-        theta - steps * lr * v with v the momentum buffer (SGD's steady move per step, weight decay
-        included), then restored bitwise. lr is the SGD update's device scalar (the last step's)."""
-        if steps <= 0 or not self.sgd.momentum:
-            yield
-            return
-        params = self.sgd.params
-        with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            torch._foreach_sub_(params, torch._foreach_mul(self.sgd.buffers(), self.sgd.lr * steps))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved)
 
     def message_numel(self, which: str) -> int:
         """Elements per sample of the message at the stage's input ("in") or output ("out")."""

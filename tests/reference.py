@@ -13,11 +13,9 @@ from hpc_layerpar.graphs import SGDUpdate
 
 
 def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_size, micro, seed, lr, betas,
-             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth", predict="off"):
+             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth"):
     """betas[k]: the penalty weight of boundary k+1 (the output of stage k). Returns (models, M) with
-    M[k] the per-sample multipliers of boundary k+1 (AL) or None. predict="momentum": stage k's F runs
-    at the weights predicted for its B, 2(K-1-k)/micro steps later: w - steps * lr * v, v the momentum
-    buffer and lr the learning rate of the stage's last step (0 before its first)."""
+    M[k] the per-sample multipliers of boundary k+1 (AL) or None."""
     K = len(ranges)
     models = [make_model() for _ in range(K)]
     opts = [make_opt(m) for m in models]
@@ -28,7 +26,6 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
     sgds = [SGDUpdate(o, [p for el in m.elements[a:b] for p in el.parameters()], data.train_x.device)
             for o, m, (a, b) in zip(opts, models, ranges)]
     wire = DTYPES[message_dtype]
-    last_lr = [0.0] * len(ranges)
     n, R = data.n_train, replicas
     sub = batch_size // R
     mb = sub // micro
@@ -78,13 +75,7 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                     if 0 <= jf < nm and k < K - 1:  # F: the forward message (stage K-1 forwards in B)
                         x = data.train_batch(mbs[r][jf])[0] if k == 0 else filt.up(a_in[r][k][jf])
                         with torch.no_grad():
-                            ahead = 2 * (K - 1 - k) / micro if predict == "momentum" else 0.0
-                            now = [w.clone() for w in sgds[k].params]
-                            for w, v in zip(sgds[k].params, sgds[k].buffers()):
-                                w -= v * (last_lr[k] * ahead)
                             z_out[r][k][jf] = rnd(filt.down(models[k](x, a0, b0)))
-                            for w, w0 in zip(sgds[k].params, now):
-                                w.copy_(w0)
                         a_in[r][k + 1][jf] = z_out[r][k][jf]
                 if not 0 <= jb < nm:
                     continue
@@ -115,7 +106,6 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                         adj[r][k - 1][jb] = rnd(leaf.grad * (nbt * micro))  # p = |mu| dL/da
                 if (jb + 1) % micro == 0:
                     _step_stage(sgds[k], lr, R)
-                    last_lr[k] = lr
                     updates[k] += 1
         assert all(u == nb for u in updates)
     return models, M
