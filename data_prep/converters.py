@@ -132,6 +132,23 @@ def _cifar_members(path: str, spec: dict):
     return out
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler for CIFAR batches: dicts, lists, bytes, strings and numbers need no class, and
+    numpy arrays need exactly these (and bytes written by Python 3 at protocol 2, _codecs.encode, a pure
+    function); anything else (a forged file's os.system, open, ...) is refused
+    before it is called. Plain pickle.load would run whatever a file names."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # bytes in a protocol-2 pickle
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        """The class or function a pickle names, if a CIFAR batch may need it."""
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which no CIFAR batch holds")
+        return super().find_class(module, name)
+
+
 def load_cifar(kind: str, path: str):
     """((x, y) train, (x, y) test) of CIFAR-10/100 from the python tarball or its extracted folder:
     (N, 3, 32, 32) uint8 images, int64 labels (CIFAR-100: the fine labels)."""
@@ -142,9 +159,12 @@ def load_cifar(kind: str, path: str):
         xs, ys = [], []
         for n in spec[split]:
             try:
-                d = pickle.load(io.BytesIO(members[n]), encoding="bytes")
+                d = _BatchUnpickler(io.BytesIO(members[n]), encoding="bytes").load()
             except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-                raise ConvertError(f"{spec['dir']}/{n} cannot be unpickled ({exc}); download it again") from None
+                raise ConvertError(f"{spec['dir']}/{n} cannot be unpickled safely ({exc}); it is not the "
+                                   f"official {spec['archive']}: download it again") from None
+            if not isinstance(d, dict) or b"data" not in d or spec["labels"] not in d:
+                raise ConvertError(f"{spec['dir']}/{n} is not a CIFAR batch (no data and labels); download it again")
             data = np.asarray(d[b"data"], dtype=np.uint8)
             labels = np.asarray(d[spec["labels"]], dtype=np.int64)
             if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):

@@ -119,6 +119,37 @@ def test_cifar_tarball_roundtrip(tmp_path, kind):
     assert np.array_equal(d2["train"][0], d["train"][0])
 
 
+class _Forged:
+    """What a forged batch can smuggle into a pickle: a call made while it is loaded."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_cifar_forged_pickle_is_refused_before_it_runs(tmp_path):
+    """A data_batch_1 whose pickle opens a file for writing: plain pickle.load created the file (and
+    the converter then stopped with a traceback); the restricted unpickler refuses the pickle first."""
+    spec = C.CIFAR["cifar10"]
+    tar = tmp_path / "cifar-10-python.tar.gz"
+    make_cifar_tar(tar, "cifar10")
+    target = tmp_path / "written-by-the-pickle"
+    forged = tmp_path / "forged.tar.gz"
+    with tarfile.open(tar) as src, tarfile.open(forged, "w:gz") as dst:
+        for m in src:
+            blob = src.extractfile(m).read()
+            if m.name.endswith("data_batch_1"):
+                blob = pickle.dumps({b"data": _Forged(str(target)), spec["labels"]: [0]}, protocol=2)
+            info = tarfile.TarInfo(m.name)
+            info.size = len(blob)
+            dst.addfile(info, io.BytesIO(blob))
+    with pytest.raises(C.ConvertError, match=r"io.open, which no CIFAR batch holds"):
+        convert("cifar10", str(tmp_path / "c.h5"), raw=str(forged))
+    assert not target.exists()
+
+
 def test_cifar_truncated_archive(tmp_path):
     tar = tmp_path / "cifar-10-python.tar.gz"
     make_cifar_tar(tar, "cifar10")
