@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ConfigError
+
 LATEST = "latest"
 KEEP = 2
 
@@ -40,6 +42,7 @@ class CheckpointMeta:
     stage_ranges: list | None       # the split the run started with (None without parallel phases)
     element_costs: list | None
     element_forward_costs: list | None = None  # the pipeline's split weighs the forward twice upstream
+    beta_caps: list | None = None   # the curvature guard's (curvature, cap) per stage, as measured at the start
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":
@@ -55,15 +58,42 @@ def default_dir(out_dir: str, name: str) -> str:
     return os.path.join(out_dir, f"{name}" + (f"-j{job}" if job else "") + ".ckpt")
 
 
+# What a resumed run must share with the run that wrote the checkpoint: a change to any of these trains
+# another problem from the saved state (a changed coupling would even load one kind of table as another).
+# Rank count, threads, device, progress, checkpointing and evaluation may change.
+RESUME_FIXED = {"model": None, "optim": None,
+                "train": ("phases", "seed"),
+                "data": ("batch_size", "augment", "crop_pad", "flip", "drop_last", "subset"),
+                "parallel": ("coupling", "micro_batches", "beta", "beta_guard", "beta_growth", "beta_max", "al_rho",
+                             "augment", "ds", "ds_up", "message_dtype", "aux_dtype", "replicas", "switch_momentum")}
+
+
+def config_changes(saved: dict, now: dict) -> list:
+    """['section.key: saved -> now', ...] for the settings RESUME_FIXED names that differ."""
+    out = []
+    for section, keys in RESUME_FIXED.items():
+        a, b = saved.get(section, {}), now.get(section, {})
+        for k in (keys or sorted(set(a) | set(b))):
+            if a.get(k) != b.get(k):
+                out.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return out
+
+
 def latest(ckpt_dir: str) -> str | None:
-    """Path of the newest complete checkpoint in ckpt_dir, or None."""
+    """Path of the newest complete checkpoint in ckpt_dir, or None when the folder has none yet. A
+    `latest` pointer that names no complete checkpoint is an error: starting afresh would silently
+    overwrite a run that had checkpoints."""
     pointer = os.path.join(ckpt_dir, LATEST)
     if not os.path.exists(pointer):
         return None
     with open(pointer) as fh:
         name = fh.read().strip()
     path = os.path.join(ckpt_dir, name)
-    return path if os.path.exists(os.path.join(path, "meta.json")) else None
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        raise ConfigError(f"{pointer} names '{name}', which is not a complete checkpoint (no {path}/meta.json). "
+                          f"Resume from another one with --resume {ckpt_dir}/epoch-NNNNNN, or remove {pointer} "
+                          "to start afresh.")
+    return path
 
 
 def _atomic_text(path: str, text: str) -> None:

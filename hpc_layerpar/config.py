@@ -79,7 +79,6 @@ class ParallelConfig:
     simulate: int = 0           # > 0: run that many virtual ranks as threads of this one process
 
 
-# Version 1's epoch coupling (parallel.coupling=epoch) was removed; so were the keys only it read.
 EPOCH_COUPLING_GONE = ("version 1's epoch coupling (parallel.coupling=epoch) was removed; its record is "
                        "docs/ALGORITHM.md s.4b and s.10")
 REMOVED_KEYS = {"parallel.eta": "the relaxation of its auxiliary update",

@@ -4,6 +4,7 @@ agreed on by all ranks, so a user error on one rank ends the job on every rank b
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -140,7 +141,14 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
     meta = None
     if src is not None:
         meta = C.load_meta(src)
+        changed = C.config_changes(meta.config, json.loads(cfg.to_json()))  # as saved: lists, not tuples
+        if changed:
+            raise ConfigError(f"--resume {resume}: the checkpoint {src} was written with other settings "
+                              f"({'; '.join(changed)}). Resume with the settings it was written with, or "
+                              "start a new run (another run.name or run.out_dir).")
         C.load_model(src, model, opt)
+    elif resume == "auto" and comm.rank == 0:
+        print(f"hpc_layerpar: --resume auto: no checkpoint in {ckpt_dir} yet; starting at epoch 1", flush=True)
     augment = make_augment(cfg.data, data, cfg.train.seed)
     # the simulator's virtual ranks are threads of one process: concurrent captures would collide
     graphs = graph_mode(cfg.run.cuda_graphs, device) if not cfg.parallel.simulate else "off"
@@ -152,6 +160,14 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
     if ctx.methods & set(PARALLEL):
         _split(ctx)
     return ctx
+
+
+def _same_guard(saved: dict, cfg: Config) -> bool:
+    """Whether a checkpoint's config measured its caps under the settings this launch would use."""
+    keys = (("parallel", "beta"), ("parallel", "beta_guard"), ("parallel", "ds"), ("parallel", "micro_batches"),
+            ("optim", "lr"), ("train", "seed"), ("data", "batch_size"))
+    now = json.loads(cfg.to_json())
+    return all(saved.get(s, {}).get(k) == now[s][k] for s, k in keys)
 
 
 def _split(ctx: RunContext) -> None:
@@ -172,6 +188,11 @@ def _split(ctx: RunContext) -> None:
         ctx.costs, ctx.fwd_costs = element_costs(ctx.model, pc, comm, sub_batch // ctx.micro, ctx.device,
                                                  graphs=ctx.serial.graphs.mode == "cuda")
         ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs, ctx.fwd_costs))
+    if ctx.same_split and meta.beta_caps and _same_guard(meta.config, cfg):
+        # the caps the run started with: measured again on the resumed weights they would differ, and
+        # the resumed run would no longer equal the uninterrupted one
+        ctx.caps = [tuple(c) for c in meta.beta_caps]
+        return
     # The curvature guard: every rank measures its outgoing boundary on the whole network it holds
     # now, then the pipeline shares the caps (ALGORITHM.md s.4c).
     batch = sub_batch // ctx.micro

@@ -284,7 +284,7 @@ def _checkpoint(ctx: RunContext, loop: _Loop, step: EpochStep, path: str) -> str
         epoch=step.epoch, world_size=ctx.comm.size, replicas=ctx.cfg.parallel.replicas, metrics_path=path,
         best_test_acc=loop.best, final_test_acc=loop.final, config=ctx.cfg.to_dict(),
         stage_ranges=[list(r) for r in ctx.ranges] if ctx.ranges else None, element_costs=ctx.costs,
-        element_forward_costs=ctx.fwd_costs)
+        element_forward_costs=ctx.fwd_costs, beta_caps=[list(c) for c in ctx.caps] or None)
     return C.save(ctx.ckpt_dir, ctx.comm, model=ctx.model, optimizer=ctx.opt,
                   store=loop.engine.store if loop.engine is not None else None, meta=meta)
 

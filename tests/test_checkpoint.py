@@ -117,3 +117,44 @@ def test_resume_at_another_rank_count_rebuilds_auxiliary_variables(reference, tm
     m = read_metrics(str(new[0]))
     assert list(m["columns"]["epoch"]) == list(range(5, 12)) and m["attrs"]["continues"]
     assert m["columns"]["switch_seconds"][0] > 0, "the phase switch built a new engine"
+
+
+def test_resume_keeps_the_curvature_guards_caps(tmp_path):
+    """At a beta the guard caps, a resumed run uses the caps measured at the start, not caps measured
+    again on the resumed weights (which differ): metrics and weights stay bitwise those of the
+    uninterrupted run. (Before the caps were saved, beta_effective changed at the resume.)"""
+    data = make_dataset(tmp_path / "d.h5", n_train=256)
+    out = tmp_path / "runs"
+    guard = ("parallel.beta=100", "train.phases=penalty:3,serial:1")
+    p = run_cli(args(data, out, "ref", "run.checkpoint_every=4", *guard), n=2)
+    assert p.returncode == 0, p.stderr
+    p = run_cli(args(data, out, "cut", "run.checkpoint_every=4", "run.stop_after=1", *guard), n=2)
+    assert p.returncode == 75, p.stderr
+    p = run_cli(args(data, out, "cut", "run.checkpoint_every=4", *guard) + ["--resume", "auto"], n=2)
+    assert p.returncode == 0, p.stderr
+    (ref,), (cut,) = out.glob("ref-*.h5"), out.glob("cut-*.h5")
+    a, b = read_metrics(str(ref))["columns"], read_metrics(str(cut))["columns"]
+    assert float(a["beta_effective"][0, 0]) < 100, "the guard caps boundary 1: else this test sees nothing"
+    for col in ("beta_effective", "test_acc", "train_loss"):
+        assert np.array_equal(a[col], b[col], equal_nan=True), col
+    ma, mb = final_model(str(out / "ref.ckpt")), final_model(str(out / "cut.ckpt"))
+    assert all(torch.equal(ma["model"][k], mb["model"][k]) for k in ma["model"])
+
+
+def test_resume_refuses_changed_settings_and_a_dangling_latest(reference, tmp_path):
+    """A resume compares the checkpoint's config with the launch: a changed DS factor or micro-batch
+    count is refused before training, naming the keys; a `latest` that names no checkpoint is an
+    error, not a silent fresh start; a missing one starts afresh and says so."""
+    data, _, ref_ckpt = reference
+    out = tmp_path / "runs"
+    src = os.path.join(ref_ckpt, "epoch-000011")
+    p = run_cli(args(data, out, "changed", "parallel.ds=2", "parallel.micro_batches=2") + ["--resume", src], n=1)
+    msg = p.stderr + p.stdout
+    assert p.returncode == 2 and "parallel.ds: 1 -> 2" in msg and "parallel.micro_batches: 0 -> 2" in msg, msg
+    ckpt = out / "dangling.ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "latest").write_text("epoch-000003")
+    p = run_cli(args(data, out, "dangling") + ["--resume", "auto"], n=1)
+    assert p.returncode == 2 and "is not a complete checkpoint" in p.stderr + p.stdout, p.stderr
+    p = run_cli(args(data, out, "fresh", "train.phases=penalty:2") + ["--resume", "auto"], n=1)
+    assert p.returncode == 0 and "no checkpoint in" in p.stdout and "starting at epoch 1" in p.stdout, p.stderr
