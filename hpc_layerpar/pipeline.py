@@ -104,15 +104,17 @@ class PipelineEngine:
 
     def draws(self, epoch: int, j: int, n: int):
         """Rank 0's augmentation of micro-batch j (n samples): the draws of its whole global batch, as the
-        serial phase draws them, then this micro-batch's rows (the same images at any M and rank count).
-        None without augmentation or off rank 0."""
+        serial phase draws them, then this micro-batch's rows (the same images at any M and rank count);
+        replica r's sub-batch takes rows r * sub_batch onwards, as a serial shard does, so replicas do
+        not repeat each other's draws. None without augmentation or off rank 0."""
         if self.augment is None or not self.stage.first:
             return None
         g, i = divmod(j, self.M)
         if self._drawn[:2] != (epoch, g):  # one draw per global batch, not per micro-batch
-            self._drawn = (epoch, g, *self.augment.draws(epoch, g, self.sub_batch))
+            self._drawn = (epoch, g, *self.augment.draws(epoch, g, self.batch_size))
         offsets, flips = self._drawn[2:]
-        rows = slice(i * self.micro, i * self.micro + n)
+        lo = (0 if self.replica_comm is None else self.replica_comm.rank * self.sub_batch) + i * self.micro
+        rows = slice(lo, lo + n)
         return offsets[rows], flips[rows]
 
     def bytes_per_epoch(self, samples: int, element_size: int) -> int:

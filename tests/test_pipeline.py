@@ -264,3 +264,34 @@ def test_frozen_pipeline_gradient_is_back_propagation(world, tiny_data, micro):
     cons, cos, ratio = diagnostics.probe(model, ranges, world, data, eng.filter, eng)
     assert_all(world, abs(cos - 1) < 1e-4 * TOL and abs(ratio - 1) < 1e-4 * TOL and (world.rank == 0 or cons < 1e-5),
                f"probe of stage {world.rank}: consistency {cons:.2e}, cosine {cos:.6f}, norm ratio {ratio:.6f}")
+
+
+def test_replicas_draw_their_own_rows_of_the_global_batch_augmentation(tiny_data):
+    """With R = 2 replicas of one stage, replica r augments micro-batch j with rows r * sub_batch + ...
+    of the global batch's draws (as a serial shard does); before, every replica drew the same ones."""
+    from hpc_layerpar.data import Augment
+
+    aug = Augment(pad=1, flip=True, seed=SEED)
+    data = DeviceDataset(tiny_data, DEVICE)
+
+    def draws(comm):
+        topo = Topology(comm, 2)
+        try:
+            shard = replica_shard(data.n_train, 2, topo.replica, SEED)
+            model = make_model()
+            eng = PipelineEngine(model, make_optimizer(model, OPT), topo.pipe, data, [(0, len(model.elements))],
+                                 ParallelConfig(micro_batches=2, replicas=2), method="penalty", batch_size=BATCH,
+                                 drop_last=True, seed=SEED, augment=aug, replica_comm=topo.reps, shard=shard)
+            return topo.replica, [eng.draws(1, j, eng.micro) for j in range(4)]
+        finally:
+            topo.free()
+
+    out = dict(run_simulated(2, draws))
+    sub, micro = BATCH // 2, BATCH // 4
+    for j in range(4):
+        g, i = divmod(j, 2)
+        off, flip = aug.draws(1, g, BATCH)
+        for r in (0, 1):
+            rows = slice(r * sub + i * micro, r * sub + (i + 1) * micro)
+            assert torch.equal(out[r][j][0], off[rows]) and torch.equal(out[r][j][1], flip[rows]), (r, j)
+    assert not torch.equal(out[0][0][0], out[1][0][0]), "the replicas augment differently"
