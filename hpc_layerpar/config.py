@@ -192,8 +192,7 @@ def _build(overrides: dict) -> Config:
         for key, value in given.items():
             if f"{sname}.{key}" in REMOVED_KEYS:
                 raise ConfigError(f"config key '{sname}.{key}' ({REMOVED_KEYS[f'{sname}.{key}']}) was removed with "
-                                  f"the epoch coupling: {EPOCH_COUPLING_GONE}. Delete the key; the pipeline "
-                                  "coupling (parallel.coupling=pipeline) does without it.")
+                                  f"the epoch coupling: {EPOCH_COUPLING_GONE}. Delete the key.")
             if key not in known:
                 raise ConfigError(f"unknown config key '{sname}.{key}'.{_suggest(key, known)} "
                                   f"Valid keys of '{sname}': {', '.join(known)}.")
@@ -369,6 +368,9 @@ def _validate_parallel(cfg: Config) -> None:
     if pc.micro_batches and d.batch_size % (pc.replicas * pc.micro_batches):
         raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas x "
                           f"parallel.micro_batches = {pc.replicas} x {pc.micro_batches}; change one of them.")
+    if not d.drop_last and {p.method for p in parse_phases(cfg.train.phases)} & {"penalty", "al"}:
+        raise ConfigError("data.drop_last=false: the parallel phases step once per M full micro-batches and "
+                          "would drop a partial last batch's gradients; use data.drop_last=true (the default).")
     if pc.beta_growth < 1:
         raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
     if pc.beta_max < pc.beta:

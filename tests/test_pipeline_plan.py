@@ -80,7 +80,7 @@ def test_delay_and_in_flight_micro_batches(K):
 
 def test_a_partial_last_group_takes_no_step():
     """With n not a multiple of M, the trailing micro-batches are forwarded and updated, no step follows
-    them (what the engine does today with drop_last=false: see the issue on partial batches)."""
+    them: why a run with parallel phases refuses data.drop_last=false (config.py)."""
     grid = plan(2, 5, 2)
     assert [a.step for row in grid[0] for a in row if a.kind == "S"] == [0, 1]
 
