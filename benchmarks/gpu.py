@@ -46,13 +46,14 @@ from hpc_layerpar import graphs  # noqa: E402
 from hpc_layerpar import scaling as S  # noqa: E402
 from hpc_layerpar.buckets import sync_device  # noqa: E402
 from hpc_layerpar.comm import Comm  # noqa: E402
-from hpc_layerpar.config import OptimConfig, ParallelConfig, micro_batches  # noqa: E402
+from hpc_layerpar.config import OptimConfig, ParallelConfig  # noqa: E402
 from hpc_layerpar.data import DeviceDataset  # noqa: E402
 from hpc_layerpar.dataformat import write_dataset  # noqa: E402
 from hpc_layerpar.models import build_model, count_parameters, place_model, smallest_map  # noqa: E402
 from hpc_layerpar.partition import balanced_partition, role_costs  # noqa: E402
 from hpc_layerpar.pipeline import PipelineEngine  # noqa: E402
 from hpc_layerpar.runsetup import element_costs  # noqa: E402
+from hpc_layerpar.schedule import micro_batches  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 
 MODELS = {"resnet20-mnist": (20, 1, 28, 10), "resnet56": (56, 3, 32, 10), "resnet110": (110, 3, 32, 10),

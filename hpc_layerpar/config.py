@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .presets import PRESETS
 from .schedule import parse_phases
 
-__all__ = ["Config", "ConfigError", "PRESETS", "resolve", "from_dict", "validate", "micro_batches"]
+__all__ = ["Config", "ConfigError", "PRESETS", "resolve", "from_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -388,15 +388,3 @@ def _validate_parallel(cfg: Config) -> None:
     if pc.partition not in ("time", "macs") and not all(
             c.strip().isdigit() for c in pc.partition.split(",")):
         raise ConfigError(f"parallel.partition={pc.partition!r} is not time, macs or cut indices like '4,9'.")
-
-
-def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
-    """The pipeline's M: as configured, or (0, auto) the largest M <= max(4, K) dividing the
-    per-replica batch whose micro-batches keep >= 768 values in every BatchNorm statistic
-    (micro-batch x the smallest feature map, min_pixels = H x W there). More micro-batches shorten
-    the upstream stages' delay, 2(K-1-k)/M steps, which grows with K (ALGORITHM.md s.4)."""
-    if pcfg.micro_batches:
-        return pcfg.micro_batches
-    sub = batch_size // pcfg.replicas
-    cap = max(4, stages)
-    return max([m for m in range(1, cap + 1) if sub % m == 0 and (sub // m) * min_pixels >= 768] or [1])

@@ -12,14 +12,14 @@ from dataclasses import dataclass, field
 from . import checkpoint as C
 from . import guard as G
 from .comm import Topology, detect_cuda_aware, library_version
-from .config import Config, micro_batches
+from .config import Config
 from .data import DeviceDataset, make_augment, replica_shard
 from .errors import ConfigError
 from .filters import DSFilter
 from .graphs import graph_mode
 from .models import model_from_config, place_model, smallest_map
 from .runsetup import agree, check_fit, element_costs, resolve_device, set_deterministic, set_threads, stage_ranges
-from .schedule import PARALLEL, lr_at, parse_phases, total_epochs
+from .schedule import PARALLEL, lr_at, micro_batches, parse_phases, total_epochs
 from .serial import SerialEngine, make_optimizer
 
 

@@ -18,7 +18,6 @@ import torch
 from .auxstore import DTYPES, AuxStore
 from .buckets import sync_device
 from .channels import AHEAD, Channel
-from .config import micro_batches
 from .data import epoch_batches, replica_batches
 from .filters import DSFilter
 from .graphs import GraphCache
@@ -26,6 +25,7 @@ from .models import smallest_map
 from .pipeline_graphs import PipelineGraphs
 from .pipeline_plan import ACTIVATIONS, rank_plan
 from .pipeline_step import MicroBatch, NoRunningStats, StageStep
+from .schedule import micro_batches
 from .stages import Stage
 from .stats import EpochSums, PhaseStats
 

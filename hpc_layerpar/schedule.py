@@ -149,3 +149,14 @@ def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int) -> float:
         return pcfg.beta
     return min(pcfg.beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
 
+
+def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
+    """The pipeline's M: as configured, or (0, auto) the largest M <= max(4, K) dividing the
+    per-replica batch whose micro-batches keep >= 768 values in every BatchNorm statistic
+    (micro-batch x the smallest feature map, min_pixels = H x W there). More micro-batches shorten
+    the upstream stages' delay, 2(K-1-k)/M steps, which grows with K (ALGORITHM.md s.4)."""
+    if pcfg.micro_batches:
+        return pcfg.micro_batches
+    sub = batch_size // pcfg.replicas
+    cap = max(4, stages)
+    return max([m for m in range(1, cap + 1) if sub % m == 0 and (sub // m) * min_pixels >= 768] or [1])

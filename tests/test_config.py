@@ -98,7 +98,8 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_auto_micro_batches_grow_with_k_and_keep_batchnorm_statistics_over_768_values():
-    from hpc_layerpar.config import ParallelConfig, micro_batches
+    from hpc_layerpar.config import ParallelConfig
+    from hpc_layerpar.schedule import micro_batches
 
     auto = ParallelConfig()
     for k in (2, 3, 4):  # the cap is 4 up to K = 4
