@@ -101,6 +101,7 @@ class RunConfig:
     checkpoint_every: int = 0   # epochs between checkpoints (0: only on SIGUSR1/SIGTERM)
     checkpoint_dir: str = ""    # empty: <out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
     stop_after: int = 0         # > 0: checkpoint and stop (exit 75, resumable) after that global epoch
+    watchdog_s: float = 900.0   # abort the job after max(this, 3 x the longest epoch) without progress; 0: off
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class DebugConfig:
     kill_epoch: int = 0
     nan_rank: int = -1          # >= 0: that rank writes a NaN into its stage at the start of `nan_epoch`
     nan_epoch: int = 0          #       (tests the divergence guard)
+    hang_rank: int = -1         # >= 0: that rank stops answering at the start of `hang_epoch` (tests the watchdog)
+    hang_epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -336,6 +339,7 @@ def _validate_run(cfg: Config) -> None:
     if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
         raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
     _positive("run.threads", r.threads, strict=False)
+    _positive("run.watchdog_s", r.watchdog_s, strict=False)
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
     _choice("run.cuda_aware", r.cuda_aware, ("auto", "on", "off", "force"))
     _choice("run.precision", r.precision, ("fp32", "bf16"))
@@ -343,10 +347,10 @@ def _validate_run(cfg: Config) -> None:
     _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
     _positive("run.stop_after", r.stop_after, strict=False)
     dbg = cfg.debug
-    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch) < 0 or \
-            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank) < -1:
-        raise ConfigError("debug.fail_rank / kill_rank / nan_rank must be >= -1 and debug.fail_epoch / "
-                          "kill_epoch / nan_epoch >= 0.")
+    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch, dbg.hang_epoch) < 0 or \
+            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank, dbg.hang_rank) < -1:
+        raise ConfigError("debug.fail_rank / kill_rank / nan_rank / hang_rank must be >= -1 and debug.fail_epoch / "
+                          "kill_epoch / nan_epoch / hang_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):
         raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
                           "it names the metrics file.")

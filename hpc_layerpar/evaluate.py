@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import watchdog
 from .data import calibration_order, shard_range
 
 
@@ -17,6 +18,7 @@ def evaluate(model, data, comm, batch_size: int) -> tuple[float, float]:
     lo, hi = shard_range(data.n_test, comm.size, comm.rank)
     sums = torch.zeros(3, dtype=torch.float64, device=data.device)
     for a in range(lo, hi, batch_size):
+        watchdog.beat()
         x, y = data.test_batch(a, min(a + batch_size, hi))
         out = model(x)
         sums[0] += F.cross_entropy(out, y, reduction="sum")
@@ -45,6 +47,7 @@ def recalibrate_bn(model, data, comm, batches: int, batch_size: int, seed: int) 
     nb = min(batches, max(data.n_train // batch_size, 1))
     mine = [i for i in range(nb) if i % comm.size == comm.rank]
     for i in mine:
+        watchdog.beat()
         model(data.train_batch(perm[i * batch_size:(i + 1) * batch_size])[0])
     w = float(len(mine))
     flat = torch.cat([torch.cat([bn.running_mean * w, bn.running_var * w]) for bn in bns]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import watchdog
 from .auxstore import DTYPES, AuxStore
 from .buckets import sync_device
 from .channels import AHEAD, Channel
@@ -165,6 +166,7 @@ class PipelineEngine:
         for actions in rank_plan(self.stage.k, self.stage.K, nm, self.M):
             for a in actions:
                 do[a.kind](ep, a)
+            watchdog.beat()
         for ch in self.channels.values():
             ch.drain()
         sync_device(self.device)

@@ -10,6 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import watchdog
 from .buckets import GradBucket, flatten, sync_device, unflatten
 from .data import epoch_batches, shard_range
 from .graphs import GraphCache, SGDUpdate
@@ -50,6 +51,7 @@ class SerialEngine:
         samples = 0
         compute = 0.0
         for step, idx in enumerate(batches):
+            watchdog.beat()
             self.sgd.set_lr(lr_fn(epoch + step / len(batches)))
             t0 = time.perf_counter()
             gb = len(idx)
@@ -167,6 +169,7 @@ class SerialEngine:
         t0 = time.perf_counter()
         comm0 = self.comm.counters.comm_seconds
         for step, (n, (lo, hi)) in enumerate(zip(gb, shards)):
+            watchdog.beat()
             rows = hi - lo
             ins, first, second = self.graphs.get((rows, n), lambda r=rows, g=n: self._make_step(r, g, self._acc))
             self.sgd.set_lr(lr_fn(epoch + step / len(batches)))

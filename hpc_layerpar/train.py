@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as C
-from . import diagnostics
+from . import diagnostics, watchdog
 from . import guard as G
 from . import metrics as M
-from .comm import Comm, hostname, library_version
+from .comm import Comm, abort_job, hostname, library_version
 from .config import Config
 from .context import RunContext, build_context
 from .evaluate import evaluate, recalibrate_bn
@@ -176,13 +176,16 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
 
 
 def _inject_faults(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
-    """debug.*: make a rank raise, die or go non-finite at the start of an epoch (tests)."""
+    """debug.*: make a rank raise, die, hang or go non-finite at the start of an epoch (tests)."""
     dbg, rank = ctx.cfg.debug, ctx.comm.rank
     if step.epoch == dbg.fail_epoch and rank == dbg.fail_rank:
         raise RuntimeError(f"injected failure on rank {rank} at epoch {step.epoch} (debug.fail_rank) "
                            f"at unix time {time.time():.3f}")
     if step.epoch == dbg.kill_epoch and rank == dbg.kill_rank:
         os.kill(os.getpid(), signal.SIGKILL)
+    if step.epoch == dbg.hang_epoch and rank == dbg.hang_rank:
+        while True:  # a rank that stops answering without an error: the peers block in MPI
+            time.sleep(1.0)
     if step.epoch == dbg.nan_epoch and rank == dbg.nan_rank:
         own = list(ctx.model.elements[ctx.ranges[ctx.pipe.rank][0]].parameters()) if ctx.ranges \
             else list(ctx.model.parameters())
@@ -298,12 +301,14 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             return run_simulated(cfg.parallel.simulate, lambda c: run(cfg, c, quiet, resume))[0]
         comm = Comm.world()
         try:
-            return run(cfg, comm, quiet, resume)
+            with watchdog.Watchdog(cfg.run.watchdog_s, lambda msg: abort_job(RuntimeError(msg)), rank=comm.rank):
+                return run(cfg, comm, quiet, resume)
         finally:
             comm.free()
     t_start = time.perf_counter()
     progress = Progress(cfg.run.progress, enabled=(comm.rank == 0) and not quiet)
     ctx = build_context(cfg, comm, resume)
+    watchdog.beat()
     writer, path = _open_metrics(ctx, progress)
     loop = _Loop(last_ckpt=ctx.src)
     if ctx.meta is not None:
@@ -322,6 +327,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             t0 = time.perf_counter()
             st, beta, beta_eff, problems = _train(ctx, loop, step, progress)
             epoch_s, (comm_s, wait_s, sent, recv) = time.perf_counter() - t0, comm.counters.as_tuple()
+            watchdog.epoch_done(epoch_s + switch_s)
             diverged = _check(ctx, loop, step, problems)
             t0 = time.perf_counter()
             test_loss, test_acc, cons, cos, ratio = _evaluate(ctx, loop, step) if diverged is None else (math.nan,) * 5

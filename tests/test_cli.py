@@ -58,6 +58,24 @@ def test_exception_during_a_parallel_phase_aborts_without_hanging(tmp_path):
     assert "[rank 2]" in p.stderr and "injected failure on rank 2 at epoch 1" in p.stderr
 
 
+def test_a_hung_rank_is_caught_by_the_watchdog(tmp_path):
+    """Rank 1 of 2 stops answering (no error) in epoch 1 of a parallel phase: its peer blocks in MPI.
+    The watchdog (here 4 s) dumps the stacks and aborts the whole job with a message that says why;
+    without it the job would wait for its time limit."""
+    data = make_dataset(tmp_path / "d.h5")
+    t0 = time.perf_counter()
+    p = run_cli(["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}",
+                 "--set", "data.batch_size=16", "--set", "model.depth=8", "--set", "train.phases=penalty:3",
+                 "--set", "parallel.beta=0.02", "--set", "parallel.partition=macs",
+                 "--set", f"run.out_dir={tmp_path}/runs", "--set", "run.watchdog_s=4",
+                 "--set", "debug.hang_rank=1", "--set", "debug.hang_epoch=1"], n=2, timeout=150)
+    elapsed = time.perf_counter() - t0
+    assert p.returncode != 0
+    assert "watchdog: no progress for" in p.stderr and "run.watchdog_s=4" in p.stderr, p.stderr[-3000:]
+    assert "most recent call first" in p.stderr, "the stacks of the rank's threads"
+    assert elapsed < 120, f"the watchdog took {elapsed:.1f}s"
+
+
 def test_rank_count_and_ds_errors_come_before_training(tmp_path):
     data = make_dataset(tmp_path / "d.h5", size=12)  # 12x12 -> 6x6 -> 3x3 activations
     base = ["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}", "--set",
