@@ -178,13 +178,7 @@ def stage_engine_ms(data, depth, c, h, classes, ranges, k, steps, micro=0):
                          method="penalty", batch_size=BATCH, drop_last=True, seed=0, graphs=GRAPHS())
     M, n = eng.M, eng.micro
     mbs = eng.micro_batches(0)
-    for p in model.parameters():
-        p.grad = None
-    eng.stage.bucket.attach()
-    eng.stage.bucket.zero()
-    eng.sums.reset()
-    eng.graphs.begin_epoch(1.0)
-    dev = eng.graphs.epoch_inputs(mbs, lambda j, m: eng.draws(0, j, m))
+    dev = eng.begin_epoch(0, 1.0, mbs)
     g = torch.Generator(device=DEV).manual_seed(k)
     a = None if eng.first else torch.randn((n,) + tuple(eng.in_shape), device=DEV, generator=g)
     if not eng.last:

@@ -143,23 +143,29 @@ class PipelineEngine:
         return total
 
     # ---- one epoch -----------------------------------------------------------------------
-    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:
-        """One epoch: the tick plan of this rank, walked. beta: the penalty weight of this rank's
-        outgoing boundary this epoch (after the schedule and the curvature guard)."""
+    def begin_epoch(self, epoch: int, beta: float, mbs: list) -> tuple:
+        """Train mode, gradients rebound to the stage's bucket and zeroed, sums reset; on the graph path
+        the captures validated and the epoch's inputs put on the device (returned; () when eager)."""
         self.stage.model.train()
         for p in self.stage.model.parameters():
             p.grad = None
         self.stage.bucket.attach()
         self.stage.bucket.zero()
         self.sums.reset()
+        if not self.graphs.enabled:
+            return ()
+        self.graphs.begin_epoch(beta)
+        return self.graphs.epoch_inputs(mbs, lambda j, n: self.draws(epoch, j, n))
+
+    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:
+        """One epoch: the tick plan of this rank, walked. beta: the penalty weight of this rank's
+        outgoing boundary this epoch (after the schedule and the curvature guard)."""
         mbs = self.micro_batches(epoch)
         nm = len(mbs)
         ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=nm // self.M,
                     last_group=set(range(max(nm - self.M, 0), nm)))  # the probe: the last global batch
         ep.probe["beta"] = beta
-        if self.graphs.enabled:
-            self.graphs.begin_epoch(beta)
-            ep.dev = self.graphs.epoch_inputs(mbs, lambda j, n: self.draws(epoch, j, n))
+        ep.dev = self.begin_epoch(epoch, beta, mbs)
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
         do = {"recv": self._recv, "send": self._send, "F": self._forward, "B": self._backward, "S": self._step}
