@@ -193,7 +193,7 @@ def _inject_faults(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
             own[0].view(-1)[0] = float("nan")
 
 
-def _enter(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
+def _enter(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) -> None:
     """The work before an epoch trains: gather the stages, or start or resume a parallel phase."""
     if step.method not in PARALLEL:
         if step.enter == "share":
@@ -206,10 +206,15 @@ def _enter(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
     if step.enter in ("phase", "resume") or loop.engine is None:
         loop.engine = make_parallel_engine(ctx, step.method)
     eng = loop.engine
-    # Resuming inside a phase at the checkpoint's split reuses the saved AL multipliers; at another
-    # split they restart at zero.
-    if step.enter == "resume" and ctx.same_split and eng.store is not None:
-        C.load_aux(ctx.src, ctx.comm.rank, eng.store)
+    # Resuming inside an AL phase at the checkpoint's split reuses the saved multipliers; at another
+    # split they restart at zero (collective: every rank says whether its table came back).
+    if step.enter == "resume" and step.method == "al":
+        ok = eng.store is None or (ctx.same_split and C.load_aux(ctx.src, ctx.comm.rank, eng.store))
+        restored = all(ctx.comm.allgather_obj(ok))
+        if not restored and eng.store is not None:
+            eng.store.a.zero_()  # all or none: a partly restored pipeline would be neither run
+        progress.log("AL multipliers " + ("restored from the checkpoint" if restored else
+                                          "restart at zero (the checkpoint was written at another split)"))
 
 
 def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) -> tuple:
@@ -321,7 +326,7 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             comm.barrier()  # epochs start together, so epoch times measure the same thing on all ranks
             _inject_faults(ctx, loop, step)
             t0 = time.perf_counter()
-            _enter(ctx, loop, step)
+            _enter(ctx, loop, step, progress)
             switch_s, switch_bytes = time.perf_counter() - t0, comm.counters.bytes_sent
             comm.counters.reset()
             t0 = time.perf_counter()

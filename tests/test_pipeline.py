@@ -10,6 +10,7 @@ from hpc_layerpar import diagnostics
 from hpc_layerpar.comm import Comm, Topology
 from hpc_layerpar.config import OptimConfig, ParallelConfig
 from hpc_layerpar.data import DeviceDataset, epoch_batches, replica_shard
+from hpc_layerpar.filters import DSFilter
 from hpc_layerpar.models import build_model
 from hpc_layerpar.partition import balanced_partition
 from hpc_layerpar.pipeline import PipelineEngine
@@ -53,22 +54,24 @@ def stage_diff(model, ref_model, rng):
     return max(float((x - y).detach().abs().max()) for x, y in zip(mine, ref))
 
 
+COMBOS = [("penalty", 1, "float32", 4, "smooth"), ("al", 1, "float32", 2, "smooth"),
+          ("penalty", 2, "float32", 1, "smooth"), ("al", 2, "bfloat16", 4, "smooth"),
+          ("penalty", 2, "float32", 2, "nearest"), ("penalty", 1, "bfloat16", 2, "smooth")]
+IN_PROCESS = [2, 3, 4]  # virtual ranks: what plain pytest runs the mpi-marked checks at as well
+
+
 @pytest.mark.mpi
-@pytest.mark.parametrize("method,ds,wire,micro,up", [("penalty", 1, "float32", 4, "smooth"),
-                                                     ("al", 1, "float32", 2, "smooth"),
-                                                     ("penalty", 2, "float32", 1, "smooth"),
-                                                     ("al", 2, "bfloat16", 4, "smooth"),
-                                                     ("penalty", 2, "float32", 2, "nearest"),
-                                                     ("penalty", 1, "bfloat16", 2, "smooth")])
+@pytest.mark.parametrize("method,ds,wire,micro,up", COMBOS)
 def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, micro, up):
     _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up)
 
 
-@pytest.mark.parametrize("K,method,micro", [(2, "penalty", 1), (3, "al", 2)])
-def test_pipeline_engine_equals_reference_in_process(tiny_data, K, method, micro):
-    """The same check at K = 2, 3 as virtual ranks, so that plain pytest exercises the parallel math
+@pytest.mark.parametrize("K", IN_PROCESS)
+@pytest.mark.parametrize("method,ds,wire,micro,up", COMBOS)
+def test_pipeline_engine_equals_reference_in_process(tiny_data, K, method, ds, wire, micro, up):
+    """The same check at K = 2..4 as virtual ranks, so that plain pytest exercises the parallel math
     too (under plain pytest the mpi-marked tests run at K = 1, where messages do nothing)."""
-    run_simulated(K, lambda comm: _engine_equals_reference(comm, tiny_data, method, 1, "float32", micro, "smooth"))
+    run_simulated(K, lambda comm: _engine_equals_reference(comm, tiny_data, method, ds, wire, micro, up))
 
 
 def _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up):
@@ -97,6 +100,17 @@ def _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up):
 @pytest.mark.parametrize("method", ["penalty", "al"])
 def test_pipeline_hybrid_stages_times_replicas_equal_reference(world, tiny_data, method):
     """World = K stages x R replicas (R = 2 on an even number of ranks)."""
+    _hybrid_equals_reference(world, tiny_data, method)
+
+
+@pytest.mark.parametrize("world_size", [4, 6])
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_pipeline_hybrid_in_process(tiny_data, method, world_size):
+    """K = 2, 3 stages x R = 2 replicas as virtual ranks."""
+    run_simulated(world_size, lambda comm: _hybrid_equals_reference(comm, tiny_data, method))
+
+
+def _hybrid_equals_reference(world, tiny_data, method):
     R = 2 if world.size % 2 == 0 else 1
     topo = Topology(world, R)  # the layout the run uses
     K, replica, stage, pipe = topo.stages, topo.replica, topo.stage, topo.pipe
@@ -165,6 +179,15 @@ def test_simulator_equals_mpi(world, tiny_data, method, ds, wire):
 
 @pytest.mark.mpi
 def test_pipeline_bytes_follow_the_formula_and_ds_divides_by_s2(world, tiny_data):
+    _bytes_follow_the_formula(world, tiny_data)
+
+
+@pytest.mark.parametrize("K", IN_PROCESS)
+def test_pipeline_bytes_in_process(tiny_data, K):
+    run_simulated(K, lambda comm: _bytes_follow_the_formula(comm, tiny_data))
+
+
+def _bytes_follow_the_formula(world, tiny_data):
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
     got = {}
@@ -184,6 +207,15 @@ def test_frozen_parameters_keep_every_auxiliary_variable_on_the_true_state(world
     parameters frozen (lr = 0) the auxiliary variable a stage trains on is the true forward state
     after one tick, the penalty residual D(u') - a is zero and AL multipliers stay zero, every epoch.
    """
+    _frozen_keeps_aux_true(world, tiny_data)
+
+
+@pytest.mark.parametrize("K", IN_PROCESS)
+def test_frozen_parameters_keep_aux_true_in_process(tiny_data, K):
+    run_simulated(K, lambda comm: _frozen_keeps_aux_true(comm, tiny_data))
+
+
+def _frozen_keeps_aux_true(world, tiny_data):
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
     for method in ("penalty", "al"):
@@ -216,22 +248,50 @@ def test_k1_pipeline_equals_serial_backprop_without_augmentation(tiny_data):
         solo.free()
 
 
-def test_penalty_gradient_is_the_adjoint_plus_the_anchor():
-    """The local loss <p, d> + (beta/2n)||d - a||^2 is the penalty (beta/2n)||d - T||^2 towards the
-    prox-linear target T = a - (n/beta) p, up to a constant: same gradient in d."""
-    torch.manual_seed(0)
-    a, p = torch.randn(3, 8), torch.randn(3, 8)
-    beta, n = 0.7, 8
-    d1 = torch.randn(3, 8, requires_grad=True)
-    ((p * d1).sum() + 0.5 * beta / n * (d1 - a).pow(2).sum()).backward()
-    d2 = d1.detach().clone().requires_grad_(True)
-    (0.5 * beta / n * (d2 - (a - n / beta * p)).pow(2).sum()).backward()
-    assert torch.allclose(d1.grad, d2.grad, atol=1e-5)
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_stage_objective_is_the_penalty_towards_the_prox_linear_target(tiny_data, method):
+    """The engine's local objective of an upstream stage (StageStep.objective), back-propagated into
+    its parameters, equals plain autograd of (beta/2N) ||d - T||^2 / n towards the prox-linear target
+    T = anchor - (N/beta)(p + m), d = D(Phi(x)) at the current parameters (ALGORITHM.md s.3): the
+    adjoint, the penalty and the multipliers with their scales, checked away from the true state."""
+    from hpc_layerpar.pipeline_step import MicroBatch, StageStep
+    from hpc_layerpar.stages import Stage
+    from hpc_layerpar.stats import EpochSums
+
+    data = DeviceDataset(tiny_data, DEVICE)
+    model = make_model()
+    ranges = balanced_partition(model.costs, 2)
+    stage = Stage(model, ranges, 0, DSFilter(2, "smooth"), make_optimizer(model, OPT), DEVICE)
+    step = StageStep(stage, data, None, 1, EpochSums(DEVICE))
+    ids = torch.arange(6)
+    g = torch.Generator().manual_seed(3)
+    shape = (6,) + tuple(stage.out_shape)
+    p, anchor = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    m = torch.randn(shape, generator=g) if method == "al" else None
+    beta, N, n = 0.7, stage.out_numel, len(ids)
+    loss = step.objective(MicroBatch(ids=ids, p=p, anchor=anchor, m=m), beta).loss
+    got = torch.autograd.grad(loss, stage.params)
+    x, _ = data.train_batch(ids)
+    d = torch.nn.functional.avg_pool2d(model(x, *ranges[0]), 2)
+    target = anchor - (N / beta) * (p + (0 if m is None else m))
+    true = torch.autograd.grad(0.5 * beta / N * (d - target).pow(2).sum() / n, stage.params)
+    err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, true))
+    assert err < 1e-4, f"{method}: the stage objective's gradient is {err:.2e} (relative) from the penalty's"
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("micro", [1, 2, 4])
 def test_frozen_pipeline_gradient_is_back_propagation(world, tiny_data, micro):
+    _frozen_gradient_is_backprop(world, tiny_data, micro)
+
+
+@pytest.mark.parametrize("K", IN_PROCESS)
+@pytest.mark.parametrize("micro", [1, 4])
+def test_frozen_pipeline_gradient_in_process(tiny_data, K, micro):
+    run_simulated(K, lambda comm: _frozen_gradient_is_backprop(comm, tiny_data, micro))
+
+
+def _frozen_gradient_is_backprop(world, tiny_data, micro):
     """At learning rate 0 nothing moves between a micro-batch's F and B, so a global batch's stage
     gradients must be back-propagation's, at any K and M: the adjoints carry each micro-batch's own
     gradient upstream, and M micro-batches add up to the batch mean. Without BatchNorm, whose
