@@ -68,6 +68,12 @@ class Channel:
         buf.copy_(t)
         self.send_req[s] = self.comm.isend(buf, self.send_to, tag=j % self.TAGS, key=(self.name, "out", s))
 
+    def cancel(self) -> None:
+        """Withdraw every receive posted ahead (an epoch halted before their messages were sent)."""
+        for r in self.recv_req.values():
+            r.cancel()
+        self.recv_req = {}
+
     def drain(self) -> None:
         """Complete every send in flight (the end of an epoch)."""
         for r in self.send_req:

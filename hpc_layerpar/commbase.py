@@ -81,6 +81,10 @@ class Request(Protocol):
     def test(self) -> bool:
         """Complete the message if it can without blocking; return whether it is done."""
 
+    def cancel(self) -> None:
+        """Withdraw a posted receive that will never be matched (an epoch halted early); its tensor is
+        left as it is. A receive that has already completed stays completed."""
+
 
 @runtime_checkable
 class Communicator(Protocol):

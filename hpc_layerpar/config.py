@@ -102,6 +102,7 @@ class RunConfig:
     checkpoint_dir: str = ""    # empty: <out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
     stop_after: int = 0         # > 0: checkpoint and stop (exit 75, resumable) after that global epoch
     watchdog_s: float = 900.0   # abort the job after max(this, 3 x the longest epoch) without progress; 0: off
+    check_every: int = 10       # optimizer steps between in-epoch checks for non-finite values; 0: epoch end only
 
 
 @dataclass(frozen=True)
@@ -340,6 +341,7 @@ def _validate_run(cfg: Config) -> None:
         raise ConfigError(f"run.device={dev!r} is not auto, cpu, cuda or cuda:N.")
     _positive("run.threads", r.threads, strict=False)
     _positive("run.watchdog_s", r.watchdog_s, strict=False)
+    _positive("run.check_every", r.check_every, strict=False)
     _choice("run.progress", r.progress, ("auto", "lines", "off"))
     _choice("run.cuda_aware", r.cuda_aware, ("auto", "on", "off", "force"))
     _choice("run.precision", r.precision, ("fp32", "bf16"))

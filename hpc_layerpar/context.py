@@ -153,7 +153,8 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
     # the simulator's virtual ranks are threads of one process: concurrent captures would collide
     graphs = graph_mode(cfg.run.cuda_graphs, device) if not cfg.parallel.simulate else "off"
     serial = SerialEngine(model, opt, comm, data, augment, batch_size=cfg.data.batch_size,
-                          drop_last=cfg.data.drop_last, seed=cfg.train.seed, graphs=graphs)
+                          drop_last=cfg.data.drop_last, seed=cfg.train.seed, graphs=graphs,
+                          check_every=cfg.run.check_every)
     ctx = RunContext(cfg=cfg, comm=comm, device=device, threads=threads, data=data, model=model, opt=opt,
                      phases=phases, n_epochs=total_epochs(phases), ckpt_dir=ckpt_dir, augment=augment,
                      serial=serial, src=src, meta=meta)

@@ -94,6 +94,21 @@ def beta_caps(model, ranges, data, filt, *, rank: int, beta: float, lr: float, b
 
 
 # ---- divergence guard ------------------------------------------------------------------------
+def nonfinite(tensors) -> torch.Tensor:
+    """Whether any of tensors holds a NaN or Inf, as a device bool (no host read)."""
+    return ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+def agree_halt(comms, flag) -> bool:
+    """Collective over each communicator of comms (None skipped): whether any rank's flag is set. One
+    one-value allreduce per communicator: the in-epoch check of run.check_every."""
+    v = float(flag)
+    for c in comms:
+        if c is not None:
+            v = float(c.allreduce_array([v], "max")[0])
+    return bool(v)
+
+
 def local_problems(first_bad_step, losses, params, tensors=()) -> list:
     """What is not finite on this rank after an epoch, as short descriptions. losses: the epoch's
     loss figures that apply on this rank; tensors: (name, tensor or count of non-finite values)."""

@@ -67,6 +67,16 @@ class Pending:
         self.comm.counters.comm_seconds += dt
         self._finish()
 
+    def cancel(self) -> None:
+        """Withdraw a posted receive (MPI_Cancel, then the completion MPI requires)."""
+        if self.done:
+            return
+        if self.req is not None:
+            self.req.Cancel()
+            self.req.Wait()
+        self.done = True
+        self.keep = self.on_done = None
+
     def test(self) -> bool:
         """Complete the message if it has arrived, without blocking; return whether it is done."""
         _flush(block=False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import guard as G
 from . import watchdog
 from .auxstore import DTYPES, AuxStore
 from .buckets import sync_device
@@ -28,20 +29,22 @@ from .pipeline_plan import ACTIVATIONS, rank_plan
 from .pipeline_step import MicroBatch, NoRunningStats, StageStep
 from .schedule import micro_batches
 from .stages import Stage
-from .stats import EpochSums, PhaseStats
+from .stats import FIRST_BAD_NONE, EpochSums, PhaseStats
 
 
 class PipelineEngine:
     """One parallel phase (pipeline coupling) on one rank of the pipeline communicator `comm`."""
 
     def __init__(self, model, optimizer, comm, data, ranges, pcfg, *, method: str, batch_size: int,
-                 drop_last: bool, seed: int, augment=None, replica_comm=None, shard=None, graphs: str = "off"):
+                 drop_last: bool, seed: int, augment=None, replica_comm=None, shard=None, graphs: str = "off",
+                 check_every: int = 0):
         """augment: the serial phase's augmentation, applied by rank 0 when parallel.augment is on (the
         auxiliary variables live only while a micro-batch is in flight, so nothing ties them to the
         un-augmented sample). With R > 1 replicas, replica_comm joins the ranks of the same stage and
         `shard` holds this replica's sample ids. graphs: "cuda" replays each stage step as a CUDA
         graph, "emulate" runs that path uncaptured (tests); the AL method stays eager (its
-        multipliers are gathered by sample id from a store)."""
+        multipliers are gathered by sample id from a store). check_every: optimizer steps between the
+        ranks' in-epoch checks for non-finite values (0: none; the epoch's end is checked by the run)."""
         if method not in ("penalty", "al"):
             raise ValueError(f"unknown parallel method {method!r}")
         if len(ranges) != comm.size:
@@ -53,6 +56,7 @@ class PipelineEngine:
         replicas = 1 if replica_comm is None else replica_comm.size
         self.stage = Stage(model, ranges, comm.rank, DSFilter.of(pcfg), optimizer, self.device, replicas)
         self.M = micro_batches(pcfg, batch_size, smallest_map(model), comm.size)
+        self.check_ticks = check_every * self.M
         self.sub_batch = batch_size // replicas
         self.micro = self.sub_batch // self.M
         self.msg_dtype = DTYPES[pcfg.message_dtype]
@@ -169,17 +173,44 @@ class PipelineEngine:
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
         do = {"recv": self._recv, "send": self._send, "F": self._forward, "B": self._backward, "S": self._step}
-        for actions in rank_plan(self.stage.k, self.stage.K, nm, self.M):
+        ticks = rank_plan(self.stage.k, self.stage.K, nm, self.M, self.check_ticks)
+        halted = None
+        for t, actions in enumerate(ticks):
             for a in actions:
-                do[a.kind](ep, a)
+                if a.kind == "C":
+                    halted = self._halt(ep, ticks, t)
+                else:
+                    do[a.kind](ep, a)
             watchdog.beat()
+            if halted is not None:
+                break
         for ch in self.channels.values():
             ch.drain()
         sync_device(self.device)
         elapsed = time.perf_counter() - t_epoch
-        self.probe = ep.probe if nm else None
-        return self.sums.stats(first=self.first, last=self.last, al=self.store is not None, steps=ep.updates,
-                               compute_seconds=elapsed - (self.comm.counters.comm_seconds - comm_before))
+        self.probe = ep.probe if nm and halted is None else None
+        st = self.sums.stats(first=self.first, last=self.last, al=self.store is not None, steps=ep.updates,
+                             compute_seconds=elapsed - (self.comm.counters.comm_seconds - comm_before))
+        if halted is not None:
+            st.extra["halted"] = halted
+        return st
+
+    def _halt(self, ep: "_Epoch", ticks: list, t: int):
+        """C at the end of tick t: every rank says whether it holds a non-finite loss, multiplier,
+        parameter or BatchNorm statistic; if any does, the epoch halts here on every rank: the messages
+        sent at tick t are received (so no send is left unmatched), the receives posted ahead are
+        withdrawn. Returns (micro-batches rank 0 has forwarded, the epoch's, unit), or None to go on."""
+        st = self.stage
+        local = (self.sums.bad < FIRST_BAD_NONE) | (self.sums.acc[self.sums.BAD] > 0) \
+            | G.nonfinite(st.params + [b for b in st.buffers() if b.dtype.is_floating_point])
+        if not G.agree_halt((self.comm, self.replica_comm), local):
+            return None
+        for a in ticks[t + 1] if t + 1 < len(ticks) else ():
+            if a.kind == "recv":
+                self._recv(ep, a)
+        for ch in self.channels.values():
+            ch.cancel()
+        return min(t + 1, len(ep.mbs)), len(ep.mbs), "micro-batches"
 
     def _recv(self, ep: "_Epoch", a) -> None:
         """A message of micro-batch a.mb arrives (receives of the next AHEAD are posted first); a real

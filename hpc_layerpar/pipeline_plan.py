@@ -6,6 +6,8 @@ Tick t, rank k: F(t - k), then B(t - 2(K-1) + k) (the last rank: the same micro-
   F j:  recv the auxiliary input of j from k-1 (rank 0: read the images), forward, send D(u) to k+1.
   B j:  recv the adjoint of j from k+1 (the last rank: cross-entropy), backward, send the adjoint to k-1.
   S g:  the optimizer step of global batch g, after the B of its last micro-batch.
+  C:    (every `check_every` ticks, the same ticks on every rank) the ranks agree whether to go on:
+        a non-finite value anywhere halts the epoch there (run.check_every).
 Every message a rank receives at tick t was sent by its neighbour at tick t-1, so a rank only waits
 for the previous tick of its neighbours; an epoch of n micro-batches takes n + 2(K-1) ticks."""
 from __future__ import annotations
@@ -26,7 +28,9 @@ class Action:
     step: int | None = None
 
     def label(self) -> str:
-        """A short form for the printed grid: F3, B1, S0, and for messages <a3 (received), a3> (sent)."""
+        """A short form for the printed grid: F3, B1, S0, C, and for messages <a3 (received), a3> (sent)."""
+        if self.kind == "C":
+            return "C"
         if self.kind in ("F", "B"):
             return f"{self.kind}{self.mb}"
         if self.kind == "S":
@@ -81,18 +85,24 @@ def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
     return out
 
 
-def rank_plan(rank: int, stages: int, n: int, per_step: int) -> list:
-    """Every tick of one rank's epoch: a list (per tick) of lists of Actions."""
+def rank_plan(rank: int, stages: int, n: int, per_step: int, check_every: int = 0) -> list:
+    """Every tick of one rank's epoch: a list (per tick) of lists of Actions. check_every > 0: a check
+    C ends every tick t with (t + 1) % check_every == 0, but the last (the epoch's end checks anyway)."""
     if per_step < 1:
         raise ValueError(f"micro-batches per step must be >= 1, got {per_step}")
-    return [rank_tick(rank, stages, t, n, per_step) for t in range(ticks(stages, n))]
+    nt = ticks(stages, n)
+    out = [rank_tick(rank, stages, t, n, per_step) for t in range(nt)]
+    if check_every > 0:
+        for t in range(check_every - 1, nt - 1, check_every):
+            out[t].append(Action("C", -1))
+    return out
 
 
-def plan(stages: int, n: int, per_step: int) -> list:
+def plan(stages: int, n: int, per_step: int, check_every: int = 0) -> list:
     """plan[k][t]: the actions of rank k at tick t, for an epoch of n micro-batches."""
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
-    return [rank_plan(k, stages, n, per_step) for k in range(stages)]
+    return [rank_plan(k, stages, n, per_step, check_every) for k in range(stages)]
 
 
 def render(stages: int, n: int, per_step: int, messages: bool = False) -> str:

@@ -10,6 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import guard as G
 from . import watchdog
 from .buckets import GradBucket, flatten, sync_device, unflatten
 from .data import epoch_batches, shard_range
@@ -21,9 +22,11 @@ class SerialEngine:
     """Owns the whole network on this rank; `comm` of size 1 gives plain back-propagation."""
 
     def __init__(self, model, optimizer, comm, data, augment, *, batch_size: int, drop_last: bool,
-                 seed: int, graphs: str = "off"):
+                 seed: int, graphs: str = "off", check_every: int = 0):
         """graphs: "cuda" captures each step as a CUDA graph, "emulate" runs the graph path without
-        capturing (tests), "off" is the eager loop (graphs.py)."""
+        capturing (tests), "off" is the eager loop (graphs.py). check_every: steps between the ranks'
+        in-epoch checks for non-finite values (0: none; the run checks every epoch's end)."""
+        self.check_every = check_every
         self.model, self.opt, self.comm, self.data, self.augment = model, optimizer, comm, data, augment
         self.batch_size, self.drop_last, self.seed = batch_size, drop_last, seed
         self.device = data.device
@@ -76,7 +79,18 @@ class SerialEngine:
             compute += time.perf_counter() - t0
             if on_step is not None:
                 on_step(step + 1, len(batches), lambda s=samples, t=totals: float(t[0]) / max(s, 1))
+            if self._halt(step, len(batches), bad):
+                return self._finish(totals, bad, step + 1, samples, compute, halted=(step + 1, len(batches), "steps"))
         return self._finish(totals, bad, len(batches), samples, compute)
+
+    def _halt(self, step: int, steps: int, bad) -> bool:
+        """Every check_every steps (not at the epoch's end, which the run checks): whether any rank holds a
+        non-finite loss, parameter or BatchNorm statistic (one one-value allreduce)."""
+        if not self.check_every or (step + 1) % self.check_every or step + 1 >= steps:
+            return False
+        bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
+        local = (bad < FIRST_BAD_NONE) | G.nonfinite(list(self.model.parameters()) + bufs)
+        return G.agree_halt((self.comm,), local)
 
     def _shard_gradient(self, ids, offsets, flips, gb: int) -> None:
         """This rank's shard of a global batch of gb samples: its summed loss / gb back-propagated
@@ -92,7 +106,9 @@ class SerialEngine:
         self.bucket.extra[0] = loss.detach()
         self.bucket.extra[1] = (out.detach().argmax(1) == y).sum()
 
-    def _finish(self, totals, bad, steps: int, samples: int, compute: float) -> PhaseStats:
+    def _finish(self, totals, bad, steps: int, samples: int, compute: float, halted=None) -> PhaseStats:
+        """The epoch's PhaseStats (BatchNorm statistics averaged over the ranks first); halted: (steps done,
+        steps of the epoch, "steps") when the in-epoch check stopped it."""
         self.sync_buffers()
         loss_sum, correct = totals.tolist()
         first_bad = int(bad)
@@ -100,7 +116,8 @@ class SerialEngine:
         return PhaseStats(local_loss=nan, train_loss=loss_sum / max(samples, 1),
                           train_acc=correct / max(samples, 1), residual=nan, multiplier_norm=nan,
                           steps=steps, samples=samples, compute_seconds=compute,
-                          first_bad_step=None if first_bad >= FIRST_BAD_NONE else first_bad)
+                          first_bad_step=None if first_bad >= FIRST_BAD_NONE else first_bad,
+                          extra={} if halted is None else {"halted": halted})
 
     # ---- the graph path (run.cuda_graphs) ---------------------------------------------------------
     def _epoch_inputs(self, epoch: int, batches: list):
@@ -185,6 +202,9 @@ class SerialEngine:
             samples += n
             if on_step is not None:
                 on_step(step + 1, len(batches), lambda s=samples: float(totals[0]) / max(s, 1))
+            if self._halt(step, len(batches), bad):
+                compute = time.perf_counter() - t0 - (self.comm.counters.comm_seconds - comm0)
+                return self._finish(totals, bad, step + 1, samples, compute, halted=(step + 1, len(batches), "steps"))
         sync_device(self.device)
         compute = time.perf_counter() - t0 - (self.comm.counters.comm_seconds - comm0)
         return self._finish(totals, bad, len(batches), samples, compute)

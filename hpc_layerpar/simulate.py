@@ -53,14 +53,25 @@ class _Done:
     def test(self) -> bool:
         return True
 
+    def cancel(self) -> None:
+        pass
+
 
 class _Recv:
     """A posted receive, matched in posting order as MPI does."""
 
-    def __init__(self, comm: "ThreadComm", t: torch.Tensor):
-        self.comm, self.t = comm, t
+    def __init__(self, comm: "ThreadComm", t: torch.Tensor, key=None):
+        self.comm, self.t, self.key = comm, t, key
         self.payload = None
         self.done = False
+
+    def cancel(self) -> None:
+        """Withdraw the receive: unmatched, it leaves the hub's queue; matched, its payload is dropped."""
+        hub = self.comm.hub
+        with hub.cond:
+            if self.payload is None and self in hub.receivers[self.key]:
+                hub.receivers[self.key].remove(self)
+        self.payload, self.done = None, True
 
     def _finish(self):
         self.t.copy_(self.payload)
@@ -117,8 +128,8 @@ class ThreadComm:
         if source == PROC_NULL:
             return _Done()
         self.counters.count_recv(t)
-        req = _Recv(self, t)
         hub, k = self.hub, (self.rank, source, tag)
+        req = _Recv(self, t, k)
         with hub.cond:
             if hub.messages[k]:
                 req.payload = hub.messages[k].popleft()

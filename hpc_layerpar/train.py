@@ -93,7 +93,8 @@ def make_parallel_engine(ctx: RunContext, method: str):
     """The engine of a parallel phase: the pipeline coupling (ALGORITHM.md s.4)."""
     cfg = ctx.cfg
     kw = {"method": method, "batch_size": cfg.data.batch_size, "drop_last": cfg.data.drop_last,
-          "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard}
+          "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard,
+          "check_every": cfg.run.check_every}
     return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
                           augment=ctx.augment, graphs=ctx.serial.graphs.mode, **kw)
 
@@ -225,15 +226,36 @@ def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) ->
     if step.method == "serial":
         st = ctx.serial.train_epoch(step.epoch, ctx.lr, on_step=lambda s_, n_, loss: progress.step(
             step.epoch, ctx.n_epochs, s_, n_, loss))
-        return st, nan, nan, G.local_problems(st.first_bad_step, [st.train_loss], list(ctx.model.parameters()))
+        problems = G.local_problems(st.first_bad_step, [st.train_loss], list(ctx.model.parameters()),
+                                    _bn_statistics(ctx.model.modules()))
+        return st, nan, nan, _halted(ctx, st, step, progress, problems)
     beta = beta_for_epoch(ctx.cfg.parallel, step.method, step.parallel_before)
     beta_eff = ctx.beta(beta)
     st = loop.engine.train_epoch(step.epoch, ctx.lr, 0.0 if math.isnan(beta_eff) else beta_eff)
     last = ctx.pipe.rank == ctx.pipe.size - 1
     losses = [st.local_loss] + ([st.train_loss] if last else [])
     problems = G.local_problems(st.first_bad_step, losses, loop.engine.params,
-                                [("auxiliary values", st.extra.get("nonfinite_aux", 0))])
-    return st, beta, beta_eff, problems
+                                [("auxiliary values", st.extra.get("nonfinite_aux", 0))]
+                                + _bn_statistics(loop.engine.stage_modules))
+    return st, beta, beta_eff, _halted(ctx, st, step, progress, problems)
+
+
+def _bn_statistics(modules) -> list:
+    """(name, tensor) of the floating BatchNorm buffers of modules, for the divergence guard."""
+    return [("BatchNorm statistics", b) for m in modules for b in m.buffers(recurse=False)
+            if b.dtype.is_floating_point]
+
+
+def _halted(ctx: RunContext, st, step: EpochStep, progress: Progress, problems: list) -> list:
+    """Say where the in-epoch check (run.check_every) stopped the epoch, in the log and in this rank's
+    problems (every rank halted alike; the guard reports the ranks that found something)."""
+    if "halted" not in st.extra:
+        return problems
+    done, total, unit = st.extra["halted"]
+    where = (f"the in-epoch check (run.check_every={ctx.cfg.run.check_every}) halted epoch {step.epoch + 1} "
+             f"after {done} of {total} {unit}")
+    progress.log(f"hpc_layerpar: {where}: a non-finite value")
+    return problems + [where] if problems else problems
 
 
 def _check(ctx: RunContext, loop: _Loop, step: EpochStep, problems: list):

@@ -108,6 +108,20 @@ def test_forced_divergence_stops_every_rank_with_one_message(data, tmp_path, how
         and "diverged" in summary.stdout
 
 
+@pytest.mark.spawns
+@pytest.mark.parametrize("phases", ["penalty:3", "serial:3"])
+def test_in_epoch_check_halts_a_diverging_epoch_within_check_every_steps(data, tmp_path, phases):
+    """A NaN written into rank 1 at the start of epoch 2: with run.check_every=2 every rank stops after
+    step 2 (serial) or tick 2 (pipeline, M = 1) of the epoch's 8 (before, the epoch ran to its end), then
+    the guard reports it as usual."""
+    p = run_cli(base(data, tmp_path, "h", f"train.phases={phases}", "run.check_every=2", "debug.nan_rank=1",
+                     "debug.nan_epoch=1"), n=2)
+    assert p.returncode == EXIT_DIVERGED, p.stdout + p.stderr
+    unit = "steps" if phases.startswith("serial") else "micro-batches"  # a pipeline's rank 0 forwarded
+    assert f"halted epoch 2 after 2 of 8 {unit}" in p.stdout, p.stdout
+    assert "Traceback" not in p.stderr and "diverged" in p.stderr
+
+
 def test_progress_prints_nan_as_nan():
     row = {"epoch": 0, "phase": "penalty", "lr": 0.1, "train_loss": float("nan"), "train_acc": 0.1,
            "test_loss": float("nan"), "test_acc": float("nan"), "beta": 1.0,

@@ -103,3 +103,16 @@ def test_render_and_cli():
     assert p.stdout.strip() == text.strip()
     bad = run_cli(["plan", "--ranks", "0", "--micro", "2"], n=1, timeout=120)
     assert bad.returncode == 2 and "--ranks" in bad.stderr
+
+
+@pytest.mark.parametrize("K,n,M,every", [(1, 8, 1, 3), (2, 8, 4, 4), (4, 16, 2, 6), (8, 32, 1, 10)])
+def test_checks_fall_on_the_same_ticks_of_every_rank_and_not_on_the_last(K, n, M, every):
+    """run.check_every: a C ends the same ticks on every rank (a collective), never the epoch's last
+    tick (the run checks the epoch's end), and leaves the other actions as they were."""
+    with_c, without = plan(K, n, M, every), plan(K, n, M)
+    at = [{t for t, acts in enumerate(row) if any(a.kind == "C" for a in acts)} for row in with_c]
+    want = {t for t in range(ticks(K, n) - 1) if (t + 1) % every == 0}
+    assert all(s == want for s in at) and want
+    for row_c, row in zip(with_c, without):
+        assert [[a for a in acts if a.kind != "C"] for acts in row_c] == row
+        assert all(acts[-1].kind == "C" for acts in row_c if any(a.kind == "C" for a in acts))
