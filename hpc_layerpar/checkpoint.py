@@ -9,6 +9,9 @@ Layout of `run.checkpoint_dir` (default `<out_dir>/<name>[-j<SLURM_JOB_ID>].ckpt
       model.pt           the whole network and SGD momentum: independent of the rank count
       aux-rank0.pt ...   the AL multipliers of each rank's outgoing boundary, when the checkpoint
                          falls inside an AL phase
+    epoch-000013-part/   a stop request inside epoch 13 (0-based): as above, plus
+      engine-rank0.pt ...  each rank's state of the epoch in progress (pipeline_state.py, or the
+                         serial phase's sums and BatchNorm statistics), to continue it bitwise
 
 The whole network is gathered before writing (one Bcast per stage), so a checkpoint taken at K
 ranks resumes at any rank count; AL multipliers are reused only at the same K and split,
@@ -43,6 +46,9 @@ class CheckpointMeta:
     element_costs: list | None
     element_forward_costs: list | None = None  # the pipeline's split weighs the forward twice upstream
     beta_caps: list | None = None   # the curvature guard's (curvature, cap) per stage, as measured at the start
+    # a stop request inside an epoch: {"epoch": the epoch in progress, "done", "total", "unit"}; each rank's
+    # state of that epoch is in engine-rank<r>.pt, and the run resumes there at the same rank count
+    partial: dict | None = None
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":
@@ -105,10 +111,11 @@ def _atomic_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(ckpt_dir: str, comm, *, model, optimizer, store, meta: CheckpointMeta) -> str:
-    """Collective: every rank calls it. The caller has already gathered the whole network on rank 0."""
+def save(ckpt_dir: str, comm, *, model, optimizer, store, meta: CheckpointMeta, engine_state=None) -> str:
+    """Collective: every rank calls it. The caller has already gathered the whole network on rank 0.
+    engine_state: this rank's state of the epoch in progress (meta.partial set)."""
     epoch = meta.epoch
-    name = f"epoch-{epoch:06d}"
+    name = f"epoch-{epoch:06d}" if meta.partial is None else f"epoch-{meta.partial['epoch']:06d}-part"
     final = os.path.join(ckpt_dir, name)
     tmp = os.path.join(ckpt_dir, f".{name}.tmp")
     if comm.rank == 0:
@@ -119,6 +126,8 @@ def save(ckpt_dir: str, comm, *, model, optimizer, store, meta: CheckpointMeta) 
     if store is not None:
         torch.save({"a": store.a.cpu(), "m": None if store.m is None else store.m.cpu()},
                    os.path.join(tmp, f"aux-rank{comm.rank}.pt"))
+    if engine_state is not None:
+        torch.save(_to_cpu(engine_state), os.path.join(tmp, f"engine-rank{comm.rank}.pt"))
     if comm.rank == 0:
         params = list(model.parameters())
         torch.save({"model": {k: v.cpu() for k, v in model.state_dict().items()},
@@ -150,6 +159,26 @@ def load_model(path: str, model, optimizer) -> None:
     for p, buf in zip(model.parameters(), state["momentum"]):
         optimizer.state[p]["momentum_buffer"].copy_(buf)
     torch.set_rng_state(state["torch_rng"])
+
+
+def _to_cpu(x):
+    """x with every tensor in it moved to the host (lists, tuples and dicts walked)."""
+    if torch.is_tensor(x):
+        return x.cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_cpu(v) for v in x]
+    return x
+
+
+def load_engine_state(path: str, rank: int) -> dict:
+    """This rank's state of the epoch a mid-epoch checkpoint stopped in (tensors on the host)."""
+    f = os.path.join(path, f"engine-rank{rank}.pt")
+    if not os.path.exists(f):
+        raise ConfigError(f"{path} was written inside an epoch but has no {os.path.basename(f)}: it is "
+                          "incomplete; resume from an earlier checkpoint in the same folder.")
+    return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load_aux(path: str, rank: int, store) -> bool:

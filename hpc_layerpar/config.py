@@ -115,6 +115,8 @@ class DebugConfig:
     nan_epoch: int = 0          #       (tests the divergence guard)
     hang_rank: int = -1         # >= 0: that rank stops answering at the start of `hang_epoch` (tests the watchdog)
     hang_epoch: int = 0
+    stop_rank: int = -1         # >= 0: that rank is asked to stop (as by SIGUSR1) at the start of `stop_epoch`
+    stop_epoch: int = 0         #       (tests a stop inside an epoch: it takes effect at the next check)
 
 
 @dataclass(frozen=True)
@@ -349,10 +351,10 @@ def _validate_run(cfg: Config) -> None:
     _positive("run.checkpoint_every", r.checkpoint_every, strict=False)
     _positive("run.stop_after", r.stop_after, strict=False)
     dbg = cfg.debug
-    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch, dbg.hang_epoch) < 0 or \
-            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank, dbg.hang_rank) < -1:
-        raise ConfigError("debug.fail_rank / kill_rank / nan_rank / hang_rank must be >= -1 and debug.fail_epoch / "
-                          "kill_epoch / nan_epoch / hang_epoch >= 0.")
+    if min(dbg.fail_epoch, dbg.kill_epoch, dbg.nan_epoch, dbg.hang_epoch, dbg.stop_epoch) < 0 or \
+            min(dbg.fail_rank, dbg.kill_rank, dbg.nan_rank, dbg.hang_rank, dbg.stop_rank) < -1:
+        raise ConfigError("debug.fail_rank / kill_rank / nan_rank / hang_rank / stop_rank must be >= -1 and "
+                          "debug.fail_epoch / kill_epoch / nan_epoch / hang_epoch / stop_epoch >= 0.")
     if not r.name or any(c in r.name for c in "/\\ "):
         raise ConfigError(f"run.name={r.name!r} must be non-empty, without '/', '\\' or spaces; "
                           "it names the metrics file.")

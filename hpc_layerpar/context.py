@@ -51,8 +51,11 @@ class RunContext:
 
     @property
     def start_epoch(self) -> int:
-        """The first global epoch this launch trains: 0, or the one after the resumed checkpoint's."""
-        return 0 if self.meta is None else self.meta.epoch + 1
+        """The first global epoch this launch trains: 0, the one after the resumed checkpoint's, or the
+        one a mid-epoch checkpoint stopped in."""
+        if self.meta is None:
+            return 0
+        return self.meta.partial["epoch"] if self.meta.partial else self.meta.epoch + 1
 
     @property
     def pipe(self):
@@ -146,6 +149,13 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
             raise ConfigError(f"--resume {resume}: the checkpoint {src} was written with other settings "
                               f"({'; '.join(changed)}). Resume with the settings it was written with, or "
                               "start a new run (another run.name or run.out_dir).")
+        if meta.partial and meta.world_size != comm.size:
+            p = meta.partial
+            raise ConfigError(f"--resume {resume}: {src} was written inside epoch {p['epoch'] + 1} (after {p['done']} "
+                              f"of {p['total']} {p['unit']}) by {meta.world_size} ranks; the epoch in progress is "
+                              f"split over exactly those ranks, so it resumes only at {meta.world_size}. Launch "
+                              f"{meta.world_size} ranks, or resume from the epoch-end checkpoint before it in "
+                              f"{os.path.dirname(src)} (if run.checkpoint_every wrote one) at any rank count.")
         C.load_model(src, model, opt)
     elif resume == "auto" and comm.rank == 0:
         print(f"hpc_layerpar: --resume auto: no checkpoint in {ckpt_dir} yet; starting at epoch 1", flush=True)

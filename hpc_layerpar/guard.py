@@ -99,14 +99,14 @@ def nonfinite(tensors) -> torch.Tensor:
     return ~torch.stack([torch.isfinite(t).all() for t in tensors]).all()
 
 
-def agree_halt(comms, flag) -> bool:
-    """Collective over each communicator of comms (None skipped): whether any rank's flag is set. One
-    one-value allreduce per communicator: the in-epoch check of run.check_every."""
-    v = float(flag)
+def agree(comms, *flags) -> tuple:
+    """Collective over each communicator of comms (None skipped): for each flag, whether any rank set
+    it. One small allreduce per communicator: the in-epoch check of run.check_every."""
+    v = [float(f) for f in flags]
     for c in comms:
         if c is not None:
-            v = float(c.allreduce_array([v], "max")[0])
-    return bool(v)
+            v = [float(x) for x in c.allreduce_array(v, "max")]
+    return tuple(bool(x) for x in v)
 
 
 def local_problems(first_bad_step, losses, params, tensors=()) -> list:

@@ -26,10 +26,12 @@ from .graphs import GraphCache
 from .models import smallest_map
 from .pipeline_graphs import PipelineGraphs
 from .pipeline_plan import ACTIVATIONS, rank_plan
+from .pipeline_state import freeze, thaw
 from .pipeline_step import MicroBatch, NoRunningStats, StageStep
 from .schedule import micro_batches
 from .stages import Stage
 from .stats import FIRST_BAD_NONE, EpochSums, PhaseStats
+from .stop import requested as stop_requested
 
 
 class PipelineEngine:
@@ -161,25 +163,29 @@ class PipelineEngine:
         self.graphs.begin_epoch(beta)
         return self.graphs.epoch_inputs(mbs, lambda j, n: self.draws(epoch, j, n))
 
-    def train_epoch(self, epoch: int, lr_fn, beta: float) -> PhaseStats:
+    def train_epoch(self, epoch: int, lr_fn, beta: float, resume: dict | None = None) -> PhaseStats:
         """One epoch: the tick plan of this rank, walked. beta: the penalty weight of this rank's
-        outgoing boundary this epoch (after the schedule and the curvature guard)."""
+        outgoing boundary this epoch (after the schedule and the curvature guard). resume: the state
+        of this epoch frozen by a stop request (pipeline_state.py): continue at its tick. The stats'
+        extra holds "halted" (a non-finite value stopped the epoch) or "preempted" (a stop request:
+        {"where": ..., "state": the frozen state}) when the in-epoch check ended it early."""
         mbs = self.micro_batches(epoch)
         nm = len(mbs)
         ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=nm // self.M,
                     last_group=set(range(max(nm - self.M, 0), nm)))  # the probe: the last global batch
         ep.probe["beta"] = beta
         ep.dev = self.begin_epoch(epoch, beta, mbs)
+        start = 0 if resume is None else thaw(self, ep, resume)
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
         do = {"recv": self._recv, "send": self._send, "F": self._forward, "B": self._backward, "S": self._step}
         ticks = rank_plan(self.stage.k, self.stage.K, nm, self.M, self.check_ticks)
         halted = None
-        for t, actions in enumerate(ticks):
-            for a in actions:
+        for t in range(start, len(ticks)):
+            for a in ticks[t]:
                 if a.kind == "C":
-                    halted = self._halt(ep, ticks, t)
-                else:
+                    halted = self._check(ep, ticks, t)
+                elif not (a.kind == "recv" and t == start and resume is not None):  # received before the stop
                     do[a.kind](ep, a)
             watchdog.beat()
             if halted is not None:
@@ -192,25 +198,31 @@ class PipelineEngine:
         st = self.sums.stats(first=self.first, last=self.last, al=self.store is not None, steps=ep.updates,
                              compute_seconds=elapsed - (self.comm.counters.comm_seconds - comm_before))
         if halted is not None:
-            st.extra["halted"] = halted
+            st.extra.update(halted)
         return st
 
-    def _halt(self, ep: "_Epoch", ticks: list, t: int):
+    def _check(self, ep: "_Epoch", ticks: list, t: int):
         """C at the end of tick t: every rank says whether it holds a non-finite loss, multiplier,
-        parameter or BatchNorm statistic; if any does, the epoch halts here on every rank: the messages
-        sent at tick t are received (so no send is left unmatched), the receives posted ahead are
-        withdrawn. Returns (micro-batches rank 0 has forwarded, the epoch's, unit), or None to go on."""
+        parameter or BatchNorm statistic, and whether a stop was requested; if either, the epoch ends
+        here on every rank: the messages sent at tick t are received (so no send is left unmatched),
+        the receives posted ahead are withdrawn. Returns None to go on, else {"halted": where} or
+        {"preempted": {"where": where, "state": the frozen state}}, where = (micro-batches rank 0
+        has forwarded, the epoch's, unit)."""
         st = self.stage
         local = (self.sums.bad < FIRST_BAD_NONE) | (self.sums.acc[self.sums.BAD] > 0) \
             | G.nonfinite(st.params + [b for b in st.buffers() if b.dtype.is_floating_point])
-        if not G.agree_halt((self.comm, self.replica_comm), local):
+        bad, stop = G.agree((self.comm, self.replica_comm), local, stop_requested())
+        if not (bad or stop):
             return None
         for a in ticks[t + 1] if t + 1 < len(ticks) else ():
             if a.kind == "recv":
                 self._recv(ep, a)
         for ch in self.channels.values():
             ch.cancel()
-        return min(t + 1, len(ep.mbs)), len(ep.mbs), "micro-batches"
+        where = (min(t + 1, len(ep.mbs)), len(ep.mbs), "micro-batches")
+        if bad:
+            return {"halted": where}
+        return {"preempted": {"where": where, "state": freeze(self, ep, t + 1)}}
 
     def _recv(self, ep: "_Epoch", a) -> None:
         """A message of micro-batch a.mb arrives (receives of the next AHEAD are posted first); a real

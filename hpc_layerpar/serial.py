@@ -16,6 +16,7 @@ from .buckets import GradBucket, flatten, sync_device, unflatten
 from .data import epoch_batches, shard_range
 from .graphs import GraphCache, SGDUpdate
 from .stats import FIRST_BAD_NONE, PhaseStats
+from .stop import requested as stop_requested
 
 
 class SerialEngine:
@@ -40,20 +41,23 @@ class SerialEngine:
         n = self.data.n_train
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def train_epoch(self, epoch: int, lr_fn, on_step=None) -> PhaseStats:
+    def train_epoch(self, epoch: int, lr_fn, on_step=None, resume: dict | None = None) -> PhaseStats:
         """lr_fn(t) gives the learning rate at fractional global epoch t. on_step(step, steps, loss)
         gets the running mean loss as a callable: reading it synchronises a GPU, so only a live
-        progress bar calls it."""
+        progress bar calls it. resume: the state of this epoch saved by a stop request (continue after
+        its step); the stats' extra holds "halted" or "preempted" when the in-epoch check ended it."""
         self.model.train()
         self.bucket.attach()  # a phase switch may have replaced .grad; re-bind the views
         if self.graphs.enabled:
-            return self._train_epoch_graphed(epoch, lr_fn, on_step)
+            return self._train_epoch_graphed(epoch, lr_fn, on_step, resume)
         batches = epoch_batches(self.data.n_train, self.batch_size, self.seed, epoch, self.drop_last)
         totals = torch.zeros(GradBucket.EXTRA, dtype=torch.float64, device=self.device)
         bad = torch.full((), FIRST_BAD_NONE, dtype=torch.int64, device=self.device)
-        samples = 0
+        start, samples = self._thaw(resume, epoch, len(batches), totals, bad)
         compute = 0.0
         for step, idx in enumerate(batches):
+            if step < start:
+                continue
             watchdog.beat()
             self.sgd.set_lr(lr_fn(epoch + step / len(batches)))
             t0 = time.perf_counter()
@@ -79,18 +83,45 @@ class SerialEngine:
             compute += time.perf_counter() - t0
             if on_step is not None:
                 on_step(step + 1, len(batches), lambda s=samples, t=totals: float(t[0]) / max(s, 1))
-            if self._halt(step, len(batches), bad):
-                return self._finish(totals, bad, step + 1, samples, compute, halted=(step + 1, len(batches), "steps"))
+            end = self._check(epoch, step, len(batches), totals, bad, samples)
+            if end is not None:
+                return self._finish(totals, bad, step + 1, samples, compute, end=end)
         return self._finish(totals, bad, len(batches), samples, compute)
 
-    def _halt(self, step: int, steps: int, bad) -> bool:
+    def _check(self, epoch: int, step: int, steps: int, totals, bad, samples: int):
         """Every check_every steps (not at the epoch's end, which the run checks): whether any rank holds a
-        non-finite loss, parameter or BatchNorm statistic (one one-value allreduce)."""
+        non-finite loss, parameter or BatchNorm statistic, or was asked to stop (one small allreduce).
+        None to go on, else {"halted": where} or {"preempted": {"where": where, "state": ...}}."""
         if not self.check_every or (step + 1) % self.check_every or step + 1 >= steps:
-            return False
+            return None
         bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
         local = (bad < FIRST_BAD_NONE) | G.nonfinite(list(self.model.parameters()) + bufs)
-        return G.agree_halt((self.comm,), local)
+        halt, stop = G.agree((self.comm,), local, stop_requested())
+        where = (step + 1, steps, "steps")
+        if halt:
+            return {"halted": where}
+        if stop:  # each rank's own BatchNorm statistics: the ranks average them only at the epoch's end
+            state = {"where": [epoch, self.comm.rank, self.comm.size, steps], "step": step + 1,
+                     "totals": totals.clone(), "bad": bad.clone(), "samples": samples,
+                     "buffers": [b.clone() for b in bufs]}
+            return {"preempted": {"where": where, "state": state}}
+        return None
+
+    def _thaw(self, state, epoch: int, steps: int, totals, bad) -> tuple:
+        """(first step, samples so far) of an epoch resumed from `state` (or (0, 0)); restores its sums
+        and this rank's BatchNorm statistics."""
+        if state is None:
+            return 0, 0
+        want = [epoch, self.comm.rank, self.comm.size, steps]
+        if list(state["where"]) != want:
+            raise ValueError(f"a serial epoch state of (epoch, rank, ranks, steps) {state['where']} cannot "
+                             f"continue {want}")
+        totals.copy_(state["totals"])
+        bad.copy_(state["bad"])
+        bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
+        for b, saved in zip(bufs, state["buffers"]):
+            b.copy_(saved)
+        return int(state["step"]), int(state["samples"])
 
     def _shard_gradient(self, ids, offsets, flips, gb: int) -> None:
         """This rank's shard of a global batch of gb samples: its summed loss / gb back-propagated
@@ -106,10 +137,11 @@ class SerialEngine:
         self.bucket.extra[0] = loss.detach()
         self.bucket.extra[1] = (out.detach().argmax(1) == y).sum()
 
-    def _finish(self, totals, bad, steps: int, samples: int, compute: float, halted=None) -> PhaseStats:
-        """The epoch's PhaseStats (BatchNorm statistics averaged over the ranks first); halted: (steps done,
-        steps of the epoch, "steps") when the in-epoch check stopped it."""
-        self.sync_buffers()
+    def _finish(self, totals, bad, steps: int, samples: int, compute: float, end=None) -> PhaseStats:
+        """The epoch's PhaseStats (BatchNorm statistics averaged over the ranks first, unless a stop
+        request saved each rank's own); end: what the in-epoch check returned when it stopped the epoch."""
+        if end is None or "preempted" not in end:
+            self.sync_buffers()
         loss_sum, correct = totals.tolist()
         first_bad = int(bad)
         nan = float("nan")
@@ -117,7 +149,7 @@ class SerialEngine:
                           train_acc=correct / max(samples, 1), residual=nan, multiplier_norm=nan,
                           steps=steps, samples=samples, compute_seconds=compute,
                           first_bad_step=None if first_bad >= FIRST_BAD_NONE else first_bad,
-                          extra={} if halted is None else {"halted": halted})
+                          extra=dict(end or {}))
 
     # ---- the graph path (run.cuda_graphs) ---------------------------------------------------------
     def _epoch_inputs(self, epoch: int, batches: list):
@@ -167,7 +199,7 @@ class SerialEngine:
         state = lambda: self._state(acc)  # noqa: E731
         return ins, self.graphs.step(fwd_bwd, state), None if single else self.graphs.step(update, state)
 
-    def _train_epoch_graphed(self, epoch: int, lr_fn, on_step) -> PhaseStats:
+    def _train_epoch_graphed(self, epoch: int, lr_fn, on_step, resume=None) -> PhaseStats:
         """The same step as the eager loop, each one a replay: inputs are sliced from device buffers
         made once per epoch, the learning rate is a device scalar, and nothing reads the device until
         the epoch ends (one host sync per step remains where the gradients go to MPI by host staging)."""
@@ -182,10 +214,14 @@ class SerialEngine:
         bad.fill_(FIRST_BAD_NONE)
         count.zero_()
         gb, shards, ids, off, flip = self._epoch_inputs(epoch, batches)
-        samples, pos = 0, 0
+        start, samples = self._thaw(resume, epoch, len(batches), totals, bad)
+        count.fill_(start)
+        pos = sum(hi - lo for lo, hi in shards[:start])
         t0 = time.perf_counter()
         comm0 = self.comm.counters.comm_seconds
         for step, (n, (lo, hi)) in enumerate(zip(gb, shards)):
+            if step < start:
+                continue
             watchdog.beat()
             rows = hi - lo
             ins, first, second = self.graphs.get((rows, n), lambda r=rows, g=n: self._make_step(r, g, self._acc))
@@ -202,9 +238,10 @@ class SerialEngine:
             samples += n
             if on_step is not None:
                 on_step(step + 1, len(batches), lambda s=samples: float(totals[0]) / max(s, 1))
-            if self._halt(step, len(batches), bad):
+            end = self._check(epoch, step, len(batches), totals, bad, samples)
+            if end is not None:
                 compute = time.perf_counter() - t0 - (self.comm.counters.comm_seconds - comm0)
-                return self._finish(totals, bad, step + 1, samples, compute, halted=(step + 1, len(batches), "steps"))
+                return self._finish(totals, bad, step + 1, samples, compute, end=end)
         sync_device(self.device)
         compute = time.perf_counter() - t0 - (self.comm.counters.comm_seconds - comm0)
         return self._finish(totals, bad, len(batches), samples, compute)

@@ -27,6 +27,8 @@ from .runsetup import aux_bytes
 from .schedule import PARALLEL, EpochStep, beta_for_epoch, epoch_plan
 from .stages import share_stages
 from .stats import PhaseStats
+from .stop import StopRequest
+from .stop import request as stop_request
 
 # EX_TEMPFAIL: stopped by a signal after a checkpoint. The SLURM template requeues the job on it
 # (after the ranks have left MPI cleanly); elsewhere, run again with --resume auto.
@@ -44,39 +46,6 @@ class Summary:
     epochs: int
     stopped_at: int | None = None   # epoch after which a signal stopped the run (checkpointed)
     checkpoint: str | None = None
-
-
-class StopRequest:
-    """SIGUSR1 / SIGTERM (SLURM --signal, preemption, time limit) only set a flag; the ranks agree
-    on it at the end of the epoch, checkpoint, and leave. The flag is process-wide, so the virtual
-    ranks of a simulated run (threads, which cannot install handlers) see the main thread's signal."""
-
-    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-    _signalled = False
-
-    def __init__(self):
-        self.saved = {}
-
-    @property
-    def requested(self) -> bool:
-        """Whether SIGUSR1 or SIGTERM has arrived since the handlers were installed."""
-        return StopRequest._signalled
-
-    def __enter__(self):
-        try:
-            for s in self.SIGNALS:
-                self.saved[s] = signal.signal(s, self._handler)
-            StopRequest._signalled = False  # a new run in this process starts unsignalled
-        except ValueError:  # not the main thread: leave signals to the host program
-            self.saved = {}
-        return self
-
-    def _handler(self, signum, frame):
-        StopRequest._signalled = True
-
-    def __exit__(self, *exc):
-        for s, h in self.saved.items():
-            signal.signal(s, h)
 
 
 def _remedy(cfg: Config, phase: str) -> str:
@@ -106,6 +75,7 @@ class _Loop:
     best: float = math.nan
     final: float = math.nan
     last_ckpt: str | None = None
+    resume: dict | None = None   # this rank's state of the epoch a mid-epoch checkpoint stopped in
 
 
 def _stage_costs(ctx: RunContext) -> list:
@@ -171,19 +141,23 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
                      + f"; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
     if ctx.src is not None:
-        progress.log(f"resumed from {ctx.src} at epoch {ctx.start_epoch + 1}")
+        part = meta.partial if meta is not None else None
+        inside = f" after {part['done']} of its {part['total']} {part['unit']}" if part else ""
+        progress.log(f"resumed from {ctx.src} at epoch {ctx.start_epoch + 1}{inside}")
     progress.log(f"metrics file: {path}")
     return writer, path
 
 
 def _inject_faults(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
-    """debug.*: make a rank raise, die, hang or go non-finite at the start of an epoch (tests)."""
+    """debug.*: make a rank raise, die, hang, go non-finite or ask to stop at the start of an epoch (tests)."""
     dbg, rank = ctx.cfg.debug, ctx.comm.rank
     if step.epoch == dbg.fail_epoch and rank == dbg.fail_rank:
         raise RuntimeError(f"injected failure on rank {rank} at epoch {step.epoch} (debug.fail_rank) "
                            f"at unix time {time.time():.3f}")
     if step.epoch == dbg.kill_epoch and rank == dbg.kill_rank:
         os.kill(os.getpid(), signal.SIGKILL)
+    if step.epoch == dbg.stop_epoch and rank == dbg.stop_rank:
+        stop_request()  # what SIGUSR1 does: the ranks stop at the next check of this epoch
     if step.epoch == dbg.hang_epoch and rank == dbg.hang_rank:
         while True:  # a rank that stops answering without an error: the peers block in MPI
             time.sleep(1.0)
@@ -195,9 +169,11 @@ def _inject_faults(ctx: RunContext, loop: _Loop, step: EpochStep) -> None:
 
 
 def _enter(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) -> None:
-    """The work before an epoch trains: gather the stages, or start or resume a parallel phase."""
+    """The work before an epoch trains: gather the stages, or start or resume a parallel phase. In an
+    epoch resumed from its middle that work was done before the stop: only the engine is rebuilt."""
+    mid = loop.resume is not None
     if step.method not in PARALLEL:
-        if step.enter == "share":
+        if step.enter == "share" and not mid:
             share_stages(ctx.model, ctx.ranges, ctx.pipe, ctx.opt)  # every rank gets the whole network
             if ctx.cfg.parallel.switch_momentum == "reset":
                 for q in ctx.model.parameters():
@@ -209,7 +185,7 @@ def _enter(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) ->
     eng = loop.engine
     # Resuming inside an AL phase at the checkpoint's split reuses the saved multipliers; at another
     # split they restart at zero (collective: every rank says whether its table came back).
-    if step.enter == "resume" and step.method == "al":
+    if (step.enter == "resume" or mid) and step.method == "al":
         ok = eng.store is None or (ctx.same_split and C.load_aux(ctx.src, ctx.comm.rank, eng.store))
         restored = all(ctx.comm.allgather_obj(ok))
         if not restored and eng.store is not None:
@@ -223,15 +199,16 @@ def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) ->
     nan = math.nan
     if step.method == "skip":  # nothing trains; the epoch keeps its place in the schedule
         return PhaseStats(nan, nan, nan, nan, nan, 0, 0, 0.0), nan, nan, []
+    resume, loop.resume = loop.resume, None
     if step.method == "serial":
         st = ctx.serial.train_epoch(step.epoch, ctx.lr, on_step=lambda s_, n_, loss: progress.step(
-            step.epoch, ctx.n_epochs, s_, n_, loss))
+            step.epoch, ctx.n_epochs, s_, n_, loss), resume=resume)
         problems = G.local_problems(st.first_bad_step, [st.train_loss], list(ctx.model.parameters()),
                                     _bn_statistics(ctx.model.modules()))
         return st, nan, nan, _halted(ctx, st, step, progress, problems)
     beta = beta_for_epoch(ctx.cfg.parallel, step.method, step.parallel_before)
     beta_eff = ctx.beta(beta)
-    st = loop.engine.train_epoch(step.epoch, ctx.lr, 0.0 if math.isnan(beta_eff) else beta_eff)
+    st = loop.engine.train_epoch(step.epoch, ctx.lr, 0.0 if math.isnan(beta_eff) else beta_eff, resume=resume)
     last = ctx.pipe.rank == ctx.pipe.size - 1
     losses = [st.local_loss] + ([st.train_loss] if last else [])
     problems = G.local_problems(st.first_bad_step, losses, loop.engine.params,
@@ -307,16 +284,35 @@ def _row(ctx: RunContext, step: EpochStep, mine: dict, extra: dict):
             "train_acc": col.pop("train_acc")[-1], **extra, **col}
 
 
-def _checkpoint(ctx: RunContext, loop: _Loop, step: EpochStep, path: str) -> str:
+def _checkpoint(ctx: RunContext, loop: _Loop, step: EpochStep, path: str, preempted: dict | None = None) -> str:
+    """Write a checkpoint after step's epoch, or (preempted: the engine's stop report) inside it."""
     if loop.engine is not None:
         share_stages(ctx.model, ctx.ranges, ctx.pipe, ctx.opt)  # the whole network, rank-count independent
+    partial = None
+    if preempted is not None:
+        done, total, unit = preempted["where"]
+        partial = {"epoch": step.epoch, "done": done, "total": total, "unit": unit}
     meta = C.CheckpointMeta(
-        epoch=step.epoch, world_size=ctx.comm.size, replicas=ctx.cfg.parallel.replicas, metrics_path=path,
-        best_test_acc=loop.best, final_test_acc=loop.final, config=ctx.cfg.to_dict(),
+        epoch=step.epoch - (partial is not None), world_size=ctx.comm.size, replicas=ctx.cfg.parallel.replicas,
+        metrics_path=path, best_test_acc=loop.best, final_test_acc=loop.final, config=ctx.cfg.to_dict(),
         stage_ranges=[list(r) for r in ctx.ranges] if ctx.ranges else None, element_costs=ctx.costs,
-        element_forward_costs=ctx.fwd_costs, beta_caps=[list(c) for c in ctx.caps] or None)
+        element_forward_costs=ctx.fwd_costs, beta_caps=[list(c) for c in ctx.caps] or None, partial=partial)
     return C.save(ctx.ckpt_dir, ctx.comm, model=ctx.model, optimizer=ctx.opt,
-                  store=loop.engine.store if loop.engine is not None else None, meta=meta)
+                  store=loop.engine.store if loop.engine is not None else None, meta=meta,
+                  engine_state=None if preempted is None else preempted["state"])
+
+
+def _stopped(ctx: RunContext, loop: _Loop, step: EpochStep, writer, progress, t_start: float, path: str,
+             why: str) -> Summary:
+    """A run that stopped at a checkpoint (a signal or run.stop_after): say so, mark the metrics, free."""
+    wall = time.perf_counter() - t_start
+    if ctx.comm.rank == 0:
+        writer.set_attrs(status="checkpointed", wall_seconds_last_segment=wall)
+        progress.log(f"stopped by {why}; checkpoint {loop.last_ckpt}; exit code {EXIT_CHECKPOINTED}: resume "
+                     "with --resume auto (the SLURM template requeues the job)")
+    ctx.free()
+    return Summary(metrics_path=path, final_test_acc=loop.final, best_test_acc=loop.best, wall_seconds=wall,
+                   epochs=ctx.n_epochs, stopped_at=step.epoch, checkpoint=loop.last_ckpt)
 
 
 def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str | None = None) -> Summary:
@@ -340,6 +336,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
     loop = _Loop(last_ckpt=ctx.src)
     if ctx.meta is not None:
         loop.best, loop.final = ctx.meta.best_test_acc, ctx.meta.final_test_acc
+        if ctx.meta.partial:
+            loop.resume = C.load_engine_state(ctx.src, comm.rank)
     plan = epoch_plan(ctx.phases, start_epoch=ctx.start_epoch, eval_every=cfg.train.eval_every,
                       checkpoint_every=cfg.run.checkpoint_every, stop_after=cfg.run.stop_after)
     with StopRequest() as stop:
@@ -355,6 +353,11 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
             st, beta, beta_eff, problems = _train(ctx, loop, step, progress)
             epoch_s, (comm_s, wait_s, sent, recv) = time.perf_counter() - t0, comm.counters.as_tuple()
             watchdog.epoch_done(epoch_s + switch_s)
+            if "preempted" in st.extra:  # a stop request inside the epoch: checkpoint its state, leave
+                loop.last_ckpt = _checkpoint(ctx, loop, step, path, st.extra["preempted"])
+                done, total, unit = st.extra["preempted"]["where"]
+                return _stopped(ctx, loop, step, writer, progress, t_start, path,
+                                f"a signal in epoch {step.epoch + 1} after {done} of {total} {unit}")
             diverged = _check(ctx, loop, step, problems)
             t0 = time.perf_counter()
             test_loss, test_acc, cons, cos, ratio = _evaluate(ctx, loop, step) if diverged is None else (math.nan,) * 5
@@ -381,17 +384,8 @@ def run(cfg: Config, comm: Comm | None = None, quiet: bool = False, resume: str 
                 loop.last_ckpt = _checkpoint(ctx, loop, step, path)
                 progress.log(f"checkpoint: {loop.last_ckpt}")
             if signalled or step.stop:
-                wall = time.perf_counter() - t_start
-                if comm.rank == 0:
-                    writer.set_attrs(status="checkpointed", wall_seconds_last_segment=wall)
-                    why = "a signal" if signalled else f"run.stop_after={cfg.run.stop_after}"
-                    progress.log(f"stopped by {why} after epoch {step.epoch + 1}; checkpoint {loop.last_ckpt}; "
-                                 f"exit code {EXIT_CHECKPOINTED}: resume with --resume auto "
-                                 "(the SLURM template requeues the job)")
-                ctx.free()
-                return Summary(metrics_path=path, final_test_acc=loop.final, best_test_acc=loop.best,
-                               wall_seconds=wall, epochs=ctx.n_epochs, stopped_at=step.epoch,
-                               checkpoint=loop.last_ckpt)
+                why = "a signal" if signalled else f"run.stop_after={cfg.run.stop_after}"
+                return _stopped(ctx, loop, step, writer, progress, t_start, path, f"{why} after epoch {step.epoch + 1}")
     ctx.free()
     wall = time.perf_counter() - t_start
     if comm.rank == 0:

@@ -1,6 +1,7 @@
 """Generated batch jobs on a real single-node SLURM cluster (tools/local-slurm.sh starts one where
 it can: root and apt-get; otherwise these tests are skipped with the reason)."""
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,9 @@ def site(tmp_path_factory):
     return work, data
 
 
-def generate(work, data, env, launcher="srun", seed=0):
+def generate(work, data, env, launcher="srun", seed=0, extra=()):
     sets = [f"data.path={data}", "data.batch_size=16", "model.depth=8", "train.phases=(penalty:3,serial:1)x3",
-            "parallel.beta=0.02", "parallel.partition=macs"]
+            "parallel.beta=0.02", "parallel.partition=macs", *extra]
     cmd = [sys.executable, "-m", "slurm.generate", "--site", str(work / "site.yaml"), "--methods", "penalty",
            "--ranks", "2", "--seeds", str(seed), "--launcher", launcher, "--out", str(work / "jobs")]
     p = subprocess.run(cmd + [x for s in sets for x in ("--set", s)], capture_output=True, text=True,
@@ -97,19 +98,24 @@ def test_generated_job_completes_and_its_metrics_check_out(slurm, site, launcher
 
 
 def test_signalled_job_checkpoints_requeues_and_ends_like_an_uninterrupted_one(slurm, site):
+    """SIGUSR1 at a random moment after epoch 2: with run.check_every=1 the job stops after the step
+    it is in (mid-epoch, or at an epoch's end), checkpoints, is requeued, resumes and ends bitwise
+    like the uninterrupted job."""
     work, data = site
-    script = generate(work, data, slurm, "srun", seed=0)
+    script = generate(work, data, slurm, "srun", seed=2, extra=("run.check_every=1",))
     ref = submit(script, slurm, work)
     assert wait(ref, slurm) == 0, log_of(work, ref)
     job = submit(script, slurm, work)
     deadline = time.time() + 120
     while "epoch    2/12" not in (log_of(work, job) if list((work / "logs").glob(f"*-{job}.out")) else ""):
         assert time.time() < deadline, "the job did not reach epoch 2"
-        time.sleep(0.2)
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))  # an epoch of this job takes about 0.1-0.3 s: any step
     subprocess.run(["scancel", "--signal=USR1", job], check=True, env=slurm)
     assert wait(job, slurm) == 0, log_of(work, job)
     log = log_of(work, job)
-    assert "stopped by a signal after epoch" in log and "requeueing job" in log, log
+    assert "stopped by a signal" in log and "requeueing job" in log, log
+    print([ln for ln in log.splitlines() if "stopped by a signal" in ln])  # where it stopped (pytest -s)
     assert "restart count 1" in log and "resumed from" in log, log
     a = read_metrics(metrics_of(work, ref))["columns"]
     m = read_metrics(metrics_of(work, job))
