@@ -376,9 +376,10 @@ def _validate_parallel(cfg: Config) -> None:
     if pc.micro_batches and d.batch_size % (pc.replicas * pc.micro_batches):
         raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas x "
                           f"parallel.micro_batches = {pc.replicas} x {pc.micro_batches}; change one of them.")
-    if not d.drop_last and {p.method for p in parse_phases(cfg.train.phases)} & {"penalty", "al"}:
-        raise ConfigError("data.drop_last=false: the parallel phases step once per M full micro-batches and "
-                          "would drop a partial last batch's gradients; use data.drop_last=true (the default).")
+    if not d.drop_last and pc.replicas > 1 and {p.method for p in parse_phases(cfg.train.phases)} & {"penalty", "al"}:
+        raise ConfigError(f"data.drop_last=false with parallel.replicas={pc.replicas}: the replicas of a parallel "
+                          "phase take equal full sub-batches, so a partial last batch would be dropped; use "
+                          "data.drop_last=true (the default) or parallel.replicas=1.")
     if pc.beta_growth < 1:
         raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
     if pc.beta_max < pc.beta:

@@ -109,6 +109,13 @@ class PipelineEngine:
         return [b[i * self.micro:(i + 1) * self.micro] for b in big for i in range(self.M)
                 if len(b[i * self.micro:(i + 1) * self.micro])]
 
+    def _scales(self, mbs: list) -> list:
+        """Per micro-batch: its global batch's samples over its own (M for a full batch; a partial last
+        batch of data.drop_last=false has fewer or shorter micro-batches, each weighted by its samples)."""
+        sizes = [len(b) for b in mbs]
+        batch = [sum(sizes[g * self.M:(g + 1) * self.M]) for g in range(-(-len(mbs) // self.M))]
+        return [batch[j // self.M] / n for j, n in enumerate(sizes)]
+
     def draws(self, epoch: int, j: int, n: int):
         """Rank 0's augmentation of micro-batch j (n samples): the draws of its whole global batch, as the
         serial phase draws them, then this micro-batch's rows (the same images at any M and rank count);
@@ -142,7 +149,8 @@ class PipelineEngine:
                 if self.store is not None:
                     mb.m = self.store.gather(mb.ids)
                 loss = self.step.objective(mb, pr["beta"]).loss
-                grads = torch.autograd.grad(loss / len(pr["mbs"]), self.params, allow_unused=True)
+                share = mb.scale or len(pr["mbs"])  # a micro-batch's weight: its share of the batch's samples
+                grads = torch.autograd.grad(loss / share, self.params, allow_unused=True)
                 for t, g in zip(total, grads):
                     if g is not None:
                         t += g
@@ -171,8 +179,9 @@ class PipelineEngine:
         {"where": ..., "state": the frozen state}) when the in-epoch check ended it early."""
         mbs = self.micro_batches(epoch)
         nm = len(mbs)
-        ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=nm // self.M,
-                    last_group=set(range(max(nm - self.M, 0), nm)))  # the probe: the last global batch
+        ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=-(-nm // self.M),
+                    last_group=set(range((max(nm - 1, 0) // self.M) * self.M, nm)),  # the probe: the last batch
+                    scales=self._scales(mbs))
         ep.probe["beta"] = beta
         ep.dev = self.begin_epoch(epoch, beta, mbs)
         start = 0 if resume is None else thaw(self, ep, resume)
@@ -239,7 +248,8 @@ class PipelineEngine:
         """Micro-batch j as the eager step reads it: ids (and rank 0's draws), its auxiliary input."""
         idx = ep.mbs[j]
         d = self.draws(ep.epoch, j, len(idx))
-        return MicroBatch(ids=idx, off=None if d is None else d[0], flip=None if d is None else d[1], a=a)
+        return MicroBatch(ids=idx, off=None if d is None else d[0], flip=None if d is None else d[1], a=a,
+                          scale=ep.scales[j])
 
     def _forward(self, ep: "_Epoch", a) -> None:
         """F(j): the stage's output D(u) on its way downstream; the last rank keeps its input for B."""
@@ -276,7 +286,7 @@ class PipelineEngine:
         if self.store is not None:
             mb.m = self.store.gather(mb.ids)
         if self.graphs.enabled:
-            adj = self.graphs.replay("B", ep.dev, j, len(mb), a=mb.a, p=mb.p, anchor=mb.anchor)[0]
+            adj = self.graphs.replay("B", ep.dev, j, len(mb), a=mb.a, p=mb.p, anchor=mb.anchor, scale=mb.scale)[0]
         else:
             adj, diff = self.step.backward(mb, ep.beta)
             if mb.m is not None:
@@ -314,6 +324,7 @@ class _Epoch:
     mbs: list
     nb: int
     last_group: set
+    scales: list
     updates: int = 0
     inbox: dict = field(default_factory=dict)     # (channel, j) -> what arrived
     outbox: dict = field(default_factory=dict)    # (channel, j) -> what goes out at the plan's send

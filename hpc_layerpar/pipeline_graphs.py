@@ -71,18 +71,21 @@ class PipelineGraphs:
             mb.anchor = torch.zeros_like(mb.p)
         return mb
 
-    def _make(self, kind: str, n: int):
-        """(static MicroBatch, StepGraph) of F, B or S for micro-batches of n samples."""
+    def _make(self, kind: str, n: int, scale: float | None):
+        """(static MicroBatch, StepGraph) of F, B or S for micro-batches of n samples (B: of a batch of
+        scale x n samples, a constant of the capture)."""
         mb, step = self._static(kind, n), self.step
+        mb.scale = scale
         fns = {"F": lambda: (step.forward(mb),),
                "B": lambda: (step.backward(mb, self.beta_t)[0],),
                "S": lambda: step.update() or ()}
         return mb, self.cache.step(fns[kind], self.state)
 
-    def replay(self, kind: str, inputs, j, n: int, **tensors):
+    def replay(self, kind: str, inputs, j, n: int, scale: float | None = None, **tensors):
         """Load micro-batch j's inputs (its slice of the epoch's `inputs`, and `tensors` by field name)
-        into the static buffers of (kind, n) and replay its step; returns the step's outputs."""
-        mb, graph = self.cache.get((kind, n), lambda: self._make(kind, n))
+        into the static buffers of (kind, n, scale) and replay its step; returns the step's outputs.
+        (A partial last batch's micro-batch has its own scale, and so its own capture.)"""
+        mb, graph = self.cache.get((kind, n, scale), lambda: self._make(kind, n, scale))
         if mb.ids is not None:
             ids, starts, off, flip = inputs
             lo = starts[j]

@@ -5,7 +5,8 @@ arithmetic of its own, and tests check it without processes at any K.
 Tick t, rank k: F(t - k), then B(t - 2(K-1) + k) (the last rank: the same micro-batch, at once).
   F j:  recv the auxiliary input of j from k-1 (rank 0: read the images), forward, send D(u) to k+1.
   B j:  recv the adjoint of j from k+1 (the last rank: cross-entropy), backward, send the adjoint to k-1.
-  S g:  the optimizer step of global batch g, after the B of its last micro-batch.
+  S g:  the optimizer step of global batch g, after the B of its last micro-batch (a partial last
+        batch has fewer than M: its step follows the epoch's last B).
   C:    (every `check_every` ticks, the same ticks on every rank) the ranks agree whether to go on:
         a non-finite value anywhere halts the epoch there (run.check_every).
 Every message a rank receives at tick t was sent by its neighbour at tick t-1, so a rank only waits
@@ -61,7 +62,8 @@ def delay(rank: int, stages: int) -> int:
 
 def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
     """The actions of `rank` (of `stages`) at `tick` in an epoch of n micro-batches, per_step (M) of them
-    per optimizer step: a step follows the B of micro-batch j when (j + 1) % M == 0."""
+    per optimizer step: a step follows the B of micro-batch j when (j + 1) % M == 0, and after the
+    epoch's last (a partial last batch of data.drop_last=false has fewer than M)."""
     if not 0 <= rank < stages:
         raise ValueError(f"rank {rank} is not in 0..{stages - 1}")
     first, last = rank == 0, rank == stages - 1
@@ -80,7 +82,7 @@ def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
         out.append(Action("B", jb))
         if not first:
             out.append(Action("send", jb, ADJOINTS, rank - 1))
-        if (jb + 1) % per_step == 0:
+        if (jb + 1) % per_step == 0 or jb == n - 1:
             out.append(Action("S", jb, step=jb // per_step))
     return out
 

@@ -16,7 +16,9 @@ class MicroBatch:
     """What a stage's step reads for one micro-batch. ids: sample ids (rank 0 reads its images, the last
     rank its labels); off, flip: rank 0's augmentation draws (or None); a: the auxiliary input D(u_{k-1})
     (ranks k >= 1); p: the adjoint of the outgoing boundary, anchor: what the downstream rank received
-    (ranks k < K-1, B only); m: the AL multipliers of the outgoing boundary (or None)."""
+    (ranks k < K-1, B only); m: the AL multipliers of the outgoing boundary (or None); scale: the global
+    batch's samples over this micro-batch's (M for a full batch; None: M), so that a short
+    micro-batch of a partial last batch weighs by its samples."""
     ids: torch.Tensor | None = None
     off: torch.Tensor | None = None
     flip: torch.Tensor | None = None
@@ -24,6 +26,7 @@ class MicroBatch:
     p: torch.Tensor | None = None
     anchor: torch.Tensor | None = None
     m: torch.Tensor | None = None
+    scale: float | None = None
 
     def __len__(self) -> int:
         return len(self.ids) if self.a is None else len(self.a)
@@ -109,15 +112,16 @@ class StageStep:
 
     def backward(self, mb: MicroBatch, beta):
         """B: the objective back-propagated into the stage's gradients (a global batch's mean: the step
-        averages M micro-batches), its figures added to the epoch sums. Returns (the adjoint
+        adds its micro-batches, each weighted by its share of the batch's samples), its figures added to the epoch sums. Returns (the adjoint
         p = |mu| dL/da of this micro-batch's own objective L, or None on rank 0; d - anchor or None)."""
         ob = self.objective(mb, beta)
         n = len(mb)
-        (ob.loss / self.M).backward()
+        scale = self.M if mb.scale is None else mb.scale
+        (ob.loss / scale).backward()
         residual = None if ob.diff is None else ob.diff.detach().flatten(1).norm(dim=1).sum()
         self.sums.add_in_graph(ob.loss.detach(), n, residual=residual, correct=ob.correct)
-        # the backward carried 1/M: undo it, or every boundary would scale the gradients upstream by 1/M
-        adjoint = None if ob.leaf is None else ob.leaf.grad * (n * self.M)
+        # the backward carried 1/scale: undo it, or every boundary would scale the gradients upstream by 1/M
+        adjoint = None if ob.leaf is None else ob.leaf.grad * (n * scale)
         return adjoint, None if ob.diff is None else ob.diff.detach()
 
     def update(self) -> None:

@@ -47,8 +47,8 @@ def test_layering_preset_file_set(tmp_path):
     (["parallel.window=4"], "config key 'parallel.window' .* was removed with the epoch coupling: .*"
                             "docs/ALGORITHM.md s.4b and s.10. Delete the key"),
     (["parallel.micro_batches=3"], "divisible by parallel.replicas x parallel.micro_batches"),
-    (["data.drop_last=false", "train.phases=penalty:2,serial:1"], "data.drop_last=false: the parallel phases "
-                                                                  "step once per M full micro-batches"),
+    (["data.drop_last=false", "parallel.replicas=2", "train.phases=penalty:2,serial:1"],
+     "data.drop_last=false with parallel.replicas=2: the replicas of a parallel phase take equal full"),
     (["parallel.beta_guard=maybe"], "is not one of auto, refuse, off"),
     (["parallel.al_rho=0"], "parallel.al_rho=0.0 must lie in \\(0, 1\\]"),
     (["data.subset=-5"], "data.subset=-5 must be >= 0"),

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from hpc_layerpar.comm import Topology
 from hpc_layerpar.config import OptimConfig, ParallelConfig
-from hpc_layerpar.data import DeviceDataset, replica_shard
+from hpc_layerpar.data import DeviceDataset, epoch_batches, replica_shard
 from hpc_layerpar.filters import DSFilter
 from hpc_layerpar.models import build_model
 from hpc_layerpar.partition import balanced_partition
@@ -182,6 +182,41 @@ def test_stage_gradients_at_lr0_are_back_propagation(data16, case):
     err = case_error(case, data16)
     tol = TOL_F32 if case.wire == "float32" else TOL_BF16
     assert err < tol, f"{case}: relative error {err:.2e} from back-propagation (tolerance {tol:.0e})"
+
+
+@pytest.mark.parametrize("K,M,path", [(2, 4, "eager"), (3, 4, "emulate"), (4, 2, "eager")])
+def test_a_partial_last_batch_steps_with_its_own_mean(tmp_path, K, M, path):
+    """data.drop_last=false: 32 + 12 samples, batch 32. At lr = 0 the momentum after the epoch is
+    0.9 g1 + g2, g2 back-propagation's mean over the 12 samples of the last batch (micro-batches of
+    8 and 4 at M = 4: weighted by their samples). Before, the last batch took no step (and a short
+    micro-batch weighed like a full one)."""
+    data = DeviceDataset(make_dataset(tmp_path / "d.h5", n_train=BATCH + 12, size=SIZE), DEVICE)
+    ranges = balanced_partition(plain_model().costs, K)
+
+    def engine(comm):
+        model = plain_model()
+        opt = make_optimizer(model, OptimConfig(lr=0.0, momentum=0.9, nesterov=False, weight_decay=0.0))
+        eng = PipelineEngine(model, opt, comm, data, ranges, ParallelConfig(micro_batches=M, augment=False),
+                             method="penalty", batch_size=BATCH, drop_last=False, seed=SEED,
+                             graphs="off" if path == "eager" else path)
+        st = eng.train_epoch(0, lambda t: 0.0, 1.0)
+        a, b = ranges[comm.rank]
+        bufs = [opt.state[p]["momentum_buffer"].clone() for el in model.elements[a:b] for p in el.parameters()]
+        return comm.rank, bufs, st.steps, st.samples
+
+    def backprop(ids):
+        model = plain_model()
+        x, y = data.train_batch(ids.to(DEVICE))
+        F.cross_entropy(model(x, 0, len(model)), y).backward()
+        return [[p.grad for el in model.elements[a:b] for p in el.parameters()] for a, b in ranges]
+
+    first, last = epoch_batches(data.n_train, BATCH, SEED, 0, drop_last=False)
+    g1, g2 = backprop(first), backprop(last)
+    for k, bufs, steps, samples in run_simulated(K, engine):
+        true = [0.9 * a + b for a, b in zip(g1[k], g2[k])]
+        assert steps == 2 and samples == BATCH + 12, (k, steps, samples)
+        err = relative_error(bufs, true)
+        assert err < TOL_F32, f"stage {k} of {K}, M = {M}, {path}: {err:.2e} from 0.9 g1 + g2"
 
 
 def main() -> None:

@@ -78,11 +78,12 @@ def test_delay_and_in_flight_micro_batches(K):
         assert inflight == 0 and peak <= 2 * (K - 1 - k) + 1
 
 
-def test_a_partial_last_group_takes_no_step():
-    """With n not a multiple of M, the trailing micro-batches are forwarded and updated, no step follows
-    them: why a run with parallel phases refuses data.drop_last=false (config.py)."""
-    grid = plan(2, 5, 2)
-    assert [a.step for row in grid[0] for a in row if a.kind == "S"] == [0, 1]
+def test_a_partial_last_group_takes_its_own_step():
+    """With n not a multiple of M (data.drop_last=false), the trailing micro-batches are a global batch of
+    their own: a step follows the epoch's last B on every rank (before, none did and their gradients
+    were dropped)."""
+    for k, row in enumerate(plan(3, 5, 2)):
+        assert [(a.step, a.mb) for acts in row for a in acts if a.kind == "S"] == [(0, 1), (1, 3), (2, 4)], k
 
 
 def test_bad_arguments_are_refused():
