@@ -112,8 +112,9 @@ class StageStep:
 
     def backward(self, mb: MicroBatch, beta):
         """B: the objective back-propagated into the stage's gradients (a global batch's mean: the step
-        adds its micro-batches, each weighted by its share of the batch's samples), its figures added to the epoch sums. Returns (the adjoint
-        p = |mu| dL/da of this micro-batch's own objective L, or None on rank 0; d - anchor or None)."""
+        adds its micro-batches, each weighted by its share of the batch's samples), its figures added to
+        the epoch sums. Returns (the adjoint p = |mu| dL/da of this micro-batch's own objective L, or None
+        on rank 0; d - anchor or None)."""
         ob = self.objective(mb, beta)
         n = len(mb)
         scale = self.M if mb.scale is None else mb.scale

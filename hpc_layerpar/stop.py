@@ -18,8 +18,9 @@ def request() -> None:
 
 class StopRequest:
     """SIGUSR1 / SIGTERM (SLURM --signal, preemption, time limit) only set a flag; the ranks agree
-    on it at the next check (inside the epoch or at its end), checkpoint, and leave. The flag is process-wide, so the virtual
-    ranks of a simulated run (threads, which cannot install handlers) see the main thread's signal."""
+    on it at the next check (inside the epoch or at its end), checkpoint, and leave. The flag is
+    process-wide, so the virtual ranks of a simulated run (threads, which cannot install handlers)
+    see the main thread's signal."""
 
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
     _signalled = False

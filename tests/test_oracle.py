@@ -146,7 +146,8 @@ def stage_gradient(comm, case: Case, data, ranges) -> tuple:
         pcfg = ParallelConfig(micro_batches=case.M, augment=False, ds=case.ds, ds_up=case.up,
                               message_dtype=case.wire, replicas=case.R)
         eng = PipelineEngine(model, opt, topo.pipe, data, ranges, pcfg, method=case.method, batch_size=BATCH,
-                             drop_last=True, seed=SEED, replica_comm=topo.reps, shard=shard, graphs="off" if case.path == "eager" else case.path)
+                             drop_last=True, seed=SEED, replica_comm=topo.reps, shard=shard,
+                             graphs="off" if case.path == "eager" else case.path)
         if eng.store is not None:
             m = multipliers(k, eng.out_shape, data.n_train, case.mult)
             eng.store.a.copy_((m if shard is None else m[shard]).to(eng.store.a))
