@@ -49,6 +49,16 @@ def assert_same_run(a_path, b_path, a_ckpt, b_ckpt):
     assert all(torch.equal(x, y) for x, y in zip(ma["momentum"], mb["momentum"]))
 
 
+def ref_and_cut(data, out, n, settings, stop) -> str:
+    """The uninterrupted run "ref" and the run "cut" stopped by `stop` (settings that end it with exit
+    code 75); returns cut's log."""
+    p = run_cli(args(data, out, "ref", *settings), n=n)
+    assert p.returncode == 0, p.stderr
+    p = run_cli(args(data, out, "cut", *settings, *stop), n=n)
+    assert p.returncode == 75, p.stdout + p.stderr
+    return p.stdout
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run (final checkpoint only)."""
@@ -135,10 +145,7 @@ def test_resume_keeps_the_curvature_guards_caps(tmp_path):
     data = make_dataset(tmp_path / "d.h5", n_train=256)
     out = tmp_path / "runs"
     guard = ("parallel.beta=100", "train.phases=penalty:3,serial:1")
-    p = run_cli(args(data, out, "ref", "run.checkpoint_every=4", *guard), n=2)
-    assert p.returncode == 0, p.stderr
-    p = run_cli(args(data, out, "cut", "run.checkpoint_every=4", "run.stop_after=1", *guard), n=2)
-    assert p.returncode == 75, p.stderr
+    ref_and_cut(data, out, 2, ("run.checkpoint_every=4", *guard), ("run.stop_after=1",))
     p = run_cli(args(data, out, "cut", "run.checkpoint_every=4", *guard) + ["--resume", "auto"], n=2)
     assert p.returncode == 0, p.stderr
     (ref,), (cut,) = out.glob("ref-*.h5"), out.glob("cut-*.h5")
@@ -175,13 +182,10 @@ def test_al_resume_restores_the_multipliers_at_the_same_split(tmp_path):
     says which."""
     data = make_dataset(tmp_path / "d.h5", n_train=256)
     out = tmp_path / "runs"
-    al = ("train.phases=al:4,serial:1", "parallel.al_rho=1.0")
-    p = run_cli(args(data, out, "ref", "run.checkpoint_every=5", *al), n=2)
-    assert p.returncode == 0, p.stderr
-    p = run_cli(args(data, out, "cut", "run.checkpoint_every=1", "run.stop_after=2", *al), n=2)
-    assert p.returncode == 75, p.stderr
+    al = ("train.phases=al:4,serial:1", "parallel.al_rho=1.0", "run.checkpoint_every=1")
+    ref_and_cut(data, out, 2, al, ("run.stop_after=2",))
     shutil.copytree(out / "cut.ckpt" / "epoch-000001", tmp_path / "at-epoch-2")
-    p = run_cli(args(data, out, "cut", "run.checkpoint_every=1", *al) + ["--resume", "auto"], n=2)
+    p = run_cli(args(data, out, "cut", *al) + ["--resume", "auto"], n=2)
     assert p.returncode == 0 and "AL multipliers restored from the checkpoint" in p.stdout, p.stdout + p.stderr
     (ref,), (cut,) = out.glob("ref-*.h5"), out.glob("cut-*.h5")
     a, b = read_metrics(str(ref))["columns"], read_metrics(str(cut))["columns"]
@@ -211,13 +215,10 @@ def test_stop_inside_an_epoch_resumes_bitwise(tmp_path, n, phases, epoch, check,
     out = tmp_path / "runs"
     common = (f"train.phases={phases}", "run.checkpoint_every=12", f"run.check_every={check}",
               f"parallel.micro_batches={micro}")
-    p = run_cli(args(data, out, "ref", *common), n=n)
-    assert p.returncode == 0, p.stderr
-    p = run_cli(args(data, out, "cut", *common, "debug.stop_rank=1", f"debug.stop_epoch={epoch}"), n=n)
-    assert p.returncode == 75, p.stdout + p.stderr
+    log = ref_and_cut(data, out, n, common, ("debug.stop_rank=1", f"debug.stop_epoch={epoch}"))
     serial = epoch % 4 == 3  # (X:3,serial:1)x3
     done = f"{check} of 16 steps" if serial else f"{check * micro} of {16 * micro} micro-batches"
-    assert f"stopped by a signal in epoch {epoch + 1} after {done}" in p.stdout, p.stdout
+    assert f"stopped by a signal in epoch {epoch + 1} after {done}" in log, log
     ckpt = out / "cut.ckpt" / f"epoch-{epoch:06d}-part"
     assert (ckpt / "engine-rank0.pt").exists()
     other = run_cli(args(data, out, "cut", *common) + ["--resume", str(ckpt)], n=n - 1)
