@@ -1,4 +1,5 @@
-"""PNG figures: learning curves with SPH phase switches, per-rank time split, traffic, rho vs K."""
+"""PNG figures: learning curves with SPH phase switches, accuracy against wall clock, per-rank time
+split, traffic, rho vs K."""
 from __future__ import annotations
 
 import math
@@ -50,6 +51,26 @@ def curves(runs, path: str) -> None:
     if shaded:
         ax2.text(0.01, 0.02, "grey: serial correction epochs of the SPH schedule", transform=ax2.transAxes,
                  fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def accuracy_vs_time(runs, path: str, target: float) -> None:
+    """Test accuracy against training wall clock (epochs and phase switches, no evaluation), one line
+    per run, a colour per group, with the target of the time-to-accuracy column: which method gets
+    there first, from the same files as the table."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (key, rs) in enumerate(sorted(group(runs).items(), key=lambda kv: _label(kv[0]))):
+        for j, r in enumerate(rs):
+            t, acc = r.wall_clock()
+            ok = ~np.isnan(acc)
+            ax.plot(t[ok], 100 * acc[ok], marker=".", color=f"C{i % 10}", alpha=0.8,
+                    label=_label(key) if j == 0 else None)
+    ax.axhline(100 * target, color="0.5", ls="--", lw=1, label=f"target {100 * target:g}%")
+    ax.set(xlabel="training wall clock (s, no evaluation)", ylabel="test accuracy (%)",
+           title="Test accuracy against wall clock (one line per run)")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     table = tables.write(runs, os.path.join(a.out, "summary.md"), os.path.join(a.out, "summary.csv"), a.target)
     plots.curves(runs, os.path.join(a.out, "curves.png"))
+    plots.accuracy_vs_time(runs, os.path.join(a.out, "accuracy_vs_time.png"), a.target)
     plots.time_split(runs, os.path.join(a.out, "time_split.png"))
     plots.traffic(runs, os.path.join(a.out, "traffic.png"))
     plots.rho_vs_k(runs, os.path.join(a.out, "rho_vs_k.png"), table, model_curve(runs))

@@ -75,11 +75,14 @@ class Run:
         v = self.attrs.get("aux_bytes")
         return float(sum(json.loads(v))) if isinstance(v, str) else math.nan
 
+    def wall_clock(self) -> tuple:
+        """(training seconds spent by the end of each epoch: epochs and phase switches, no evaluation;
+        test accuracy after each epoch, NaN where none was measured)."""
+        return np.cumsum(self.columns["epoch_seconds"] + self.columns["switch_seconds"]), self.columns["test_acc"]
+
     def time_to(self, target: float) -> float:
-        """Training seconds (epochs and phase switches, no evaluation) until test accuracy first
-        reaches target; NaN if it never does."""
-        acc = self.columns["test_acc"]
-        spent = np.cumsum(self.columns["epoch_seconds"] + self.columns["switch_seconds"])
+        """Training seconds until test accuracy first reaches target; NaN if it never does."""
+        spent, acc = self.wall_clock()
         hit = np.nonzero(np.nan_to_num(acc, nan=-1) >= target)[0]
         return float(spent[hit[0]]) if len(hit) else math.nan
 

@@ -48,7 +48,7 @@ def test_report_writes_tables_and_plots(runs):
     sim = next(r for r in rows if "simulated" in r["method"])
     assert sim["rho parallel epoch"] == "nan" and float(sim["test acc mean %"]) > 0, "no speed-up for threads"
     assert all(float(r["rho parallel epoch"]) > 0 for r in rows if r["method"] in ("SPH-penalty", "SPH-al"))
-    for png in ("curves.png", "time_split.png", "traffic.png", "rho_vs_k.png", "health.png"):
+    for png in ("curves.png", "accuracy_vs_time.png", "time_split.png", "traffic.png", "rho_vs_k.png", "health.png"):
         f = tmp / "rep" / png
         assert f.exists() and f.stat().st_size > 10_000, png
         with open(f, "rb") as fh:
