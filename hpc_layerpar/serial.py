@@ -94,7 +94,7 @@ class SerialEngine:
         None to go on, else {"halted": where} or {"preempted": {"where": where, "state": ...}}."""
         if not self.check_every or (step + 1) % self.check_every or step + 1 >= steps:
             return None
-        bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
+        bufs = self.float_buffers()
         local = (bad < FIRST_BAD_NONE) | G.nonfinite(list(self.model.parameters()) + bufs)
         halt, stop = G.agree((self.comm,), local, stop_requested())
         where = (step + 1, steps, "steps")
@@ -118,7 +118,7 @@ class SerialEngine:
                              f"continue {want}")
         totals.copy_(state["totals"])
         bad.copy_(state["bad"])
-        bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
+        bufs = self.float_buffers()
         for b, saved in zip(bufs, state["buffers"]):
             b.copy_(saved)
         return int(state["step"]), int(state["samples"])
@@ -246,12 +246,16 @@ class SerialEngine:
         compute = time.perf_counter() - t0 - (self.comm.counters.comm_seconds - comm0)
         return self._finish(totals, bad, len(batches), samples, compute)
 
+    def float_buffers(self) -> list:
+        """The network's floating buffers (BatchNorm running statistics), in module order."""
+        return [b for b in self.model.buffers() if b.dtype.is_floating_point]
+
     def sync_buffers(self):
         """Average BatchNorm running statistics over ranks once per epoch, so every rank holds the
         same network (each rank saw only its shard, as in DDP without buffer broadcasts)."""
         if self.comm.size == 1:
             return
-        bufs = [b for b in self.model.buffers() if b.dtype.is_floating_point]
+        bufs = self.float_buffers()
         if not bufs:
             return
         flat = flatten(bufs)
