@@ -52,7 +52,7 @@ from hpc_layerpar.dataformat import write_dataset  # noqa: E402
 from hpc_layerpar.models import build_model, count_parameters, place_model, smallest_map  # noqa: E402
 from hpc_layerpar.partition import balanced_partition, role_costs  # noqa: E402
 from hpc_layerpar.pipeline import PipelineEngine  # noqa: E402
-from hpc_layerpar.runsetup import element_costs  # noqa: E402
+from hpc_layerpar.runsetup import device_micro, element_costs  # noqa: E402
 from hpc_layerpar.schedule import micro_batches  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 
@@ -250,19 +250,27 @@ def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
 
 
 # ---- per-element costs: the split and the scaling model ---------------------------------------
-def micro_of(model, micro: int) -> int:
-    """The pipeline's M for micro (0: auto as at K <= 4; the engine picks 8 at K = 8: --micro 8)."""
-    return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(model), stages=4)
+def micro_of(model, micro, k: int) -> tuple:
+    """(the pipeline's M at K = k, the device timings behind it): micro as given, 0 the BatchNorm rule
+    (parallel.micro_measure=off), "timed" the automatic M a run makes on this device
+    (runsetup.device_micro: the candidates timed here, those within 1 + micro_overhead kept)."""
+    if micro == "timed":
+        model = new_model(*model, precision="bf16")
+        solo = Comm.self_()
+        m, per = device_micro(model, ParallelConfig(micro_measure="on"), solo, BATCH, k, DEV,
+                              graphs=DEV.type == "cuda")
+        solo.free()
+        return m, per
+    return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(new_model(*model)), stages=k), {}
 
 
-def split_costs_graph(depth, c, h, classes, micro: int) -> tuple:
+def split_costs_graph(depth, c, h, classes, m: int) -> tuple:
     """(upstream costs, last-stage costs, forward + backward, forward) per element in us at the
-    micro-batch, measured as a run measures them (runsetup.element_costs, bf16, captured graphs on
-    CUDA): what parallel.partition=time balances."""
+    micro-batch BATCH / m, measured as a run measures them (runsetup.element_costs, bf16, captured
+    graphs on CUDA): what parallel.partition=time balances."""
     model = new_model(depth, c, h, classes, precision="bf16")
     solo = Comm.self_()
-    fb, fwd = element_costs(model, ParallelConfig(micro_batches=micro), solo, BATCH // micro_of(model, micro), DEV,
-                            graphs=DEV.type == "cuda")
+    fb, fwd = element_costs(model, ParallelConfig(micro_batches=m), solo, BATCH // m, DEV, graphs=DEV.type == "cuda")
     solo.free()
     return role_costs(fb, fwd) + (fb, fwd)
 
@@ -283,7 +291,9 @@ def main():
     ap.add_argument("--ks", default="2,4,8")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--stage-models", default="resnet56", help="models whose stages are timed at each K")
-    ap.add_argument("--micro", default="0,1", help="the pipeline's micro-batches per step to time (0: auto)")
+    ap.add_argument("--micro", default="timed,0,1",
+                    help="the pipeline's micro-batches per step to time: timed (the automatic M a run makes on "
+                         "this device), 0 (the BatchNorm rule alone), or a count")
     ap.add_argument("--split", default="time", choices=["time", "blocks"],
                     help="stage split: balanced by captured element times (as a run does), or by block count")
     ap.add_argument("--share-micro", type=int, default=0, help="parallel.micro_batches of the --share run")
@@ -333,51 +343,60 @@ def main():
             el = [us / 1e6 for us in split_at[1][2]]  # forward + backward at the whole batch
             costs_out[name] = {"element_seconds": el, "boundary_numel": numel, "parameters": params,
                                "batch": BATCH, "device": f"{res['device']} captured bf16"}
-            smodel = S.Model(name, el, numel, params, BATCH)
-            r["stages"] = {}
+            smodel = S.Model(name, el, numel, params, BATCH, t1_seconds=t1)
+            r["stages"], r["timed_micro"] = {}, {}
+            r["split_costs"] = {str(BATCH): {"forward_backward_us": split_at[1][2], "forward_us": split_at[1][3]}}
             # time: the engine's split (parallel.partition=time, elements timed as captured graphs);
             # blocks: one element one unit (the split of the issue's table)
-            for micro in [int(x) for x in a.micro.split(",")]:
-                mlabel = "auto" if micro == 0 else str(micro)
-                if a.split == "time":
-                    m = micro_of(model, micro)
-                    if m not in split_at:
-                        split_at[m] = split_costs_graph(depth, c, h, classes, micro)
-                    split_costs = split_at[m]
-                    print(f"\n(split costs at micro-batch {BATCH // micro_of(model, micro)}: forward + backward "
-                          f"{split_costs[2]}, forward {split_costs[3]} us per element)")
-                else:
-                    split_costs = ([1] * n_el, [1] * n_el)
+            for micro in [x if x == "timed" else int(x) for x in a.micro.split(",")]:
+                mlabel = {0: "auto", "timed": "timed"}.get(micro, str(micro))
                 print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, split by {a.split}; "
-                      "T1 = graph bf16 loop")
-                print("| K | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
+                      "T1 = graph bf16 loop; model: the scaling model fed the micro-batch's element costs")
+                print("| K | M | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
                       "rho compute | DP at batch/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
                       "| model NVLink par / DP |")
-                print("| --- | " + " | ".join("---" for _ in range(10)) + " |")
+                print("| --- | " + " | ".join("---" for _ in range(11)) + " |")
+                notes = []
                 for k in ks:
+                    m, per = micro_of((depth, c, h, classes), micro, k)
+                    if per:
+                        r["timed_micro"][str(k)] = {"M": m, "seconds": {str(x): t for x, t in per.items()}}
+                    if m not in split_at:
+                        split_at[m] = split_costs_graph(depth, c, h, classes, m)
+                        r["split_costs"][str(BATCH // m)] = {"forward_backward_us": split_at[m][2],
+                                                             "forward_us": split_at[m][3]}
+                    split_costs = split_at[m] if a.split == "time" else ([1] * n_el, [1] * n_el)
                     ranges = balanced_partition(split_costs[0], k, split_costs[1])
-                    rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, micro) for s in range(k)]
+                    rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, m) for s in range(k)]
                     eng_ms = [x[0] for x in rows]
                     twin_ms = [x[1] for x in rows]
                     sent = [x[2] for x in rows]
                     dp_ms = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True, batch=BATCH // k)
                     proj = {}
                     for key, net in (("nvlink", S.PRESETS["nvlink"]), ("ib-hdr", S.PRESETS["ib-hdr"])):
-                        m_used = micro or 4
-                        comm = [2 * m_used * net.latency_s + b / net.bandwidth for b in sent]
+                        comm = [2 * m * net.latency_s + b / net.bandwidth for b in sent]
                         tp = max(max(e / 1e3, cm) for e, cm in zip(eng_ms, comm))
                         td = dp_ms / 1e3 + allreduce_s(4 * params, k, net)
-                        proj[key] = (t1 / tp, t1 / td, S.rho_parallel(smodel, k, net, micro=m_used),
+                        proj[key] = (t1 / tp, t1 / td,
+                                     S.rho_parallel(smodel, k, net, micro=m, micro_seconds=[
+                                         us / 1e6 for us in split_at[m][2]], micro_forward=[
+                                         us / 1e6 for us in split_at[m][3]]),
                                      S.rho_dataparallel(smodel, k, net))
                     r["stages"][f"{k}/{mlabel}"] = {"ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms,
-                                                    "bytes_per_step": sent, "dp_ms": dp_ms, "projected": proj}
+                                                    "bytes_per_step": sent, "dp_ms": dp_ms, "projected": proj,
+                                                    "micro_batches": m}
                     ratio = max(e / t for e, t in zip(eng_ms, twin_ms))
-                    print(f"| {k} | {' / '.join(f'{x:.2f}' for x in eng_ms)} | "
+                    print(f"| {k} | {m} | {' / '.join(f'{x:.2f}' for x in eng_ms)} | "
                           f"{' / '.join(f'{x:.2f}' for x in twin_ms)} | {ratio:.2f} | {max(sent) / 1e6:.2f} | "
                           f"{t1 * 1e3 / max(eng_ms):.2f} | {dp_ms:.2f} | {r['graph_bf16'] / dp_ms:.2f} | "
                           f"{proj['nvlink'][0]:.2f} / {proj['nvlink'][1]:.2f} | "
                           f"{proj['ib-hdr'][0]:.2f} / {proj['ib-hdr'][1]:.2f} | "
                           f"{proj['nvlink'][2]:.2f} / {proj['nvlink'][3]:.2f} |", flush=True)
+                    if per:
+                        notes.append(f"K = {k}: " + ", ".join(f"M = {x} {t * 1e3:.2f} ms" for x, t in per.items()))
+                if notes:
+                    print("\n(the automatic M timed on this device, forward + backward of one global batch: "
+                          + "; ".join(notes) + ")", flush=True)
         res["models"][name] = r
     if a.share:
         if not os.path.exists(a.data):

@@ -49,6 +49,7 @@ class CheckpointMeta:
     # a stop request inside an epoch: {"epoch": the epoch in progress, "done", "total", "unit"}; each rank's
     # state of that epoch is in engine-rank<r>.pt, and the run resumes there at the same rank count
     partial: dict | None = None
+    micro: int | None = None        # the pipeline's M the run started with (the automatic one may be timed)
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointMeta":

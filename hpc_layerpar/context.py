@@ -17,9 +17,18 @@ from .data import DeviceDataset, make_augment, replica_shard
 from .errors import ConfigError
 from .filters import DSFilter
 from .graphs import graph_mode
-from .models import model_from_config, place_model, smallest_map
-from .runsetup import agree, check_fit, element_costs, resolve_device, set_deterministic, set_threads, stage_ranges
-from .schedule import PARALLEL, lr_at, micro_batches, parse_phases, total_epochs
+from .models import model_from_config, place_model
+from .runsetup import (
+    agree,
+    check_fit,
+    device_micro,
+    element_costs,
+    resolve_device,
+    set_deterministic,
+    set_threads,
+    stage_ranges,
+)
+from .schedule import PARALLEL, lr_at, parse_phases, total_epochs
 from .serial import SerialEngine, make_optimizer
 
 
@@ -48,6 +57,7 @@ class RunContext:
     shard: object = None                 # this replica's sample ids (R > 1)
     same_split: bool = False             # resumed at the rank count and split of the checkpoint
     micro: int = 1                       # the pipeline's micro-batches per step
+    micro_seconds: dict = field(default_factory=dict)  # auto M timed on the device: {M: s per global batch}
 
     @property
     def start_epoch(self) -> int:
@@ -190,7 +200,17 @@ def _split(ctx: RunContext) -> None:
         ctx.shard = replica_shard(ctx.data.n_train, pc.replicas, ctx.topo.replica, cfg.train.seed)
     ctx.same_split = bool(meta is not None and meta.world_size == comm.size and meta.replicas == pc.replicas
                           and meta.stage_ranges)
-    ctx.micro = micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model), ctx.topo.stages)
+    if ctx.same_split and meta.micro:  # the M the run started with: a re-timed one could differ
+        ctx.micro = meta.micro
+    else:
+        ctx.micro, ctx.micro_seconds = device_micro(ctx.model, pc, comm, cfg.data.batch_size, ctx.topo.stages,
+                                                    ctx.device, graphs=ctx.serial.graphs.mode == "cuda")
+        if ctx.micro_seconds and comm.rank == 0:
+            t1 = ctx.micro_seconds[1]
+            timed = ", ".join(f"M = {m}: {t * 1e3:.3g} ms ({t / t1:.2f}x)" for m, t in ctx.micro_seconds.items())
+            print(f"hpc_layerpar: automatic micro-batches timed on {ctx.device} (forward + backward of one global "
+                  f"batch): {timed}; M = {ctx.micro}, the largest within 1 + parallel.micro_overhead = "
+                  f"{1 + pc.micro_overhead:g}x", flush=True)
     if ctx.same_split:  # the split the run started with: a re-measured one could differ
         ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
         ctx.fwd_costs = meta.element_forward_costs

@@ -12,7 +12,9 @@ from .config import Config
 from .costs import measure_costs, parse_cuts
 from .errors import ConfigError, UserError
 from .filters import DSFilter, check_boundaries, divides
+from .models import smallest_map
 from .partition import balanced_partition, role_costs
+from .schedule import micro_batches, micro_candidates, timed_micro
 
 if TYPE_CHECKING:  # annotations only: importing comm here at run time is not needed
     from .comm import Comm
@@ -113,6 +115,27 @@ def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = Fal
     fb = mean(measure_costs(model, batch_size, device, graphs=graphs))
     fwd = mean(measure_costs(model, batch_size, device, graphs=graphs, forward=True))
     return fb, fwd
+
+
+def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs: bool = False) -> tuple:
+    """(M, {M: seconds of forward + backward per global batch}): the automatic micro-batch count on a
+    device that loses throughput on small batches (a GPU, where a 32-sample micro-batch of a ResNet
+    on 32x32 images runs at 40% of the 128-sample throughput: docs/RESULTS.md). Of the BatchNorm
+    rule's candidates, the largest whose M micro-batches (the whole network timed per element at
+    batch/M, as the partitioner times it, averaged over ranks so all ranks choose alike) cost at
+    most 1 + parallel.micro_overhead of one global batch. Without a measurement (M given,
+    micro_measure off, or auto on a CPU, where small batches cost about their share) the rule's
+    M and {}."""
+    cands = micro_candidates(pcfg, batch_size, smallest_map(model), stages)
+    timed = pcfg.micro_measure == "on" or (pcfg.micro_measure == "auto" and device.type == "cuda")
+    if pcfg.micro_batches or not timed or len(cands) == 1:
+        return micro_batches(pcfg, batch_size, smallest_map(model), stages), {}
+    sub = batch_size // pcfg.replicas
+    per = {}
+    for m in cands:  # ascending, 1 first
+        mine = measure_costs(model, sub // m, device, graphs=graphs)
+        per[m] = m * float(comm.allreduce_array(mine).sum()) / comm.size / 1e6
+    return timed_micro(per, pcfg.micro_overhead), per
 
 
 def _role_split(costs, forward, k: int, starts=None) -> list:

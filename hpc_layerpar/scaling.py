@@ -47,20 +47,34 @@ class Model:
     boundary_numel: list    # numel of the input of element i (per sample), i = 0..n-1
     parameters: int
     batch: int
+    t1_seconds: float = 0.0  # the one-rank step as measured whole (0: the sum of element_seconds)
+
+    def t1(self) -> float:
+        """Seconds of one one-rank back-propagation step."""
+        return self.t1_seconds or sum(self.element_seconds)
 
 
 
 
 def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4, micro: int = 4,
-                  steps_per_epoch: int = 390) -> tuple[float, list]:
+                  steps_per_epoch: int = 390, micro_seconds=None, micro_forward=None) -> tuple[float, list]:
     """(seconds per step of the parallel phase at K = k, the split used). The pipeline's
     non-last stages compute their forward twice, M micro-batches per step, and every epoch fills and
-    drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps."""
-    us = [max(1, int(t * 1e6)) for t in m.element_seconds]
+    drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps.
+
+    micro_seconds: per-element forward + backward seconds of one micro-batch (batch / micro samples)
+    as measured on the device, micro_forward the forward alone (None: a third); a step is then micro
+    of them. Without it, compute is taken as linear in the batch (element_seconds / micro per
+    micro-batch): true on CPUs, not on a GPU, where 4 micro-batches of 32 cost 2.4 x one of 128."""
+    if micro_seconds is None:
+        us, fwd, reps = [max(1, int(t * 1e6)) for t in m.element_seconds], None, 1
+    else:
+        us, reps = [max(1, int(t * 1e6)) for t in micro_seconds], micro
+        fwd = None if micro_forward is None else [int(t * 1e6) for t in micro_forward]
     # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
-    up, last = role_costs(us, None)
+    up, last = role_costs(us, fwd)
     ranges = balanced_partition(up, k, last)
-    comp = [c / 1e6 for c in stage_costs(up, ranges, last)]  # the recompute counted upstream
+    comp = [reps * c / 1e6 for c in stage_costs(up, ranges, last)]  # the recompute counted upstream
     worst = 0.0
     for s, (a, b) in enumerate(ranges):
         out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0
@@ -79,7 +93,7 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
 
 def dataparallel_step(m: Model, k: int, net: Network) -> float:
     """Seconds per data-parallel step at k ranks: T_1 / k plus a ring allreduce of float32 gradients (T_1 at k = 1)."""
-    t1 = sum(m.element_seconds)
+    t1 = m.t1()
     if k == 1:
         return t1
     nbytes = 4 * m.parameters
@@ -89,19 +103,19 @@ def dataparallel_step(m: Model, k: int, net: Network) -> float:
 
 def rho_parallel(m: Model, k: int, net: Network, **kw) -> float:
     """Speed-up of the parallel phase at k ranks over one-rank back-propagation (kw: as parallel_step)."""
-    return sum(m.element_seconds) / parallel_step(m, k, net, **kw)[0]
+    return m.t1() / parallel_step(m, k, net, **kw)[0]
 
 
 def rho_dataparallel(m: Model, k: int, net: Network) -> float:
     """Speed-up of data-parallel training at k ranks over one-rank back-propagation."""
-    return sum(m.element_seconds) / dataparallel_step(m, k, net)
+    return m.t1() / dataparallel_step(m, k, net)
 
 
 def rho_sph(m: Model, k: int, net: Network, *, parallel_fraction: float = 0.8, phase_epochs: int = 4,
             steps_per_epoch: int = 390, **kw) -> float:
     """Whole SPH runs, per epoch on average: parallel epochs, data-parallel correction epochs, and
     per parallel phase two stage exchanges (parameters and momentum, 8 bytes per parameter)."""
-    t1 = sum(m.element_seconds)
+    t1 = m.t1()
     tp, _ = parallel_step(m, k, net, steps_per_epoch=steps_per_epoch, **kw)
     td = dataparallel_step(m, k, net)
     exchange = 2 * (k * net.latency_s + 8 * m.parameters / net.bandwidth)

@@ -150,13 +150,26 @@ def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int) -> float:
     return min(pcfg.beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
 
 
-def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
-    """The pipeline's M: as configured, or (0, auto) the largest M <= max(4, K) dividing the
+def micro_candidates(pcfg, batch_size: int, min_pixels: int, stages: int) -> list:
+    """The micro-batch counts the automatic M may take, ascending: M <= max(4, K) dividing the
     per-replica batch whose micro-batches keep >= 768 values in every BatchNorm statistic
-    (micro-batch x the smallest feature map, min_pixels = H x W there). More micro-batches shorten
-    the upstream stages' delay, 2(K-1-k)/M steps, which grows with K (ALGORITHM.md s.4)."""
-    if pcfg.micro_batches:
-        return pcfg.micro_batches
+    (micro-batch x the smallest feature map, min_pixels = H x W there); [1] when none does."""
     sub = batch_size // pcfg.replicas
     cap = max(4, stages)
-    return max([m for m in range(1, cap + 1) if sub % m == 0 and (sub // m) * min_pixels >= 768] or [1])
+    return [m for m in range(1, cap + 1) if sub % m == 0 and (sub // m) * min_pixels >= 768] or [1]
+
+
+def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
+    """The pipeline's M: as configured, or (0, auto) the largest of micro_candidates. More
+    micro-batches shorten the upstream stages' delay, 2(K-1-k)/M steps, which grows with K
+    (ALGORITHM.md s.4); on a device that loses throughput on small batches runsetup.device_micro
+    keeps only the candidates whose M micro-batches cost at most 1 + parallel.micro_overhead of one."""
+    if pcfg.micro_batches:
+        return pcfg.micro_batches
+    return max(micro_candidates(pcfg, batch_size, min_pixels, stages))
+
+
+def timed_micro(seconds: dict, overhead: float) -> int:
+    """Of the timed candidates {M: seconds of forward + backward of one global batch as M
+    micro-batches} (1 among them), the largest M costing at most (1 + overhead) x M = 1's."""
+    return max(m for m, t in seconds.items() if t <= (1 + overhead) * seconds[1])

@@ -3,6 +3,7 @@ the epoch's phase, train it, check it, evaluate, record, checkpoint. The loop it
 per-epoch steps are the small functions below."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -64,7 +65,8 @@ def make_parallel_engine(ctx: RunContext, method: str):
     kw = {"method": method, "batch_size": cfg.data.batch_size, "drop_last": cfg.data.drop_last,
           "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard,
           "check_every": cfg.run.check_every}
-    return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, cfg.parallel,
+    pc = dataclasses.replace(cfg.parallel, micro_batches=ctx.micro)  # the M set-up chose (it may be timed)
+    return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, pc,
                           augment=ctx.augment, graphs=ctx.serial.graphs.mode, **kw)
 
 
@@ -99,8 +101,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         if ctx.ranges is not None:
             extra = {"stage_ranges": [list(r) for r in ctx.ranges], "element_costs": ctx.costs, "replicas": R,
                      "partition": pc.partition, "stage_costs": _stage_costs(ctx),
-                     "element_forward_costs": ctx.fwd_costs or [],
-                     "aux_bytes": aux_sizes, "coupling": pc.coupling, "micro_batches": ctx.micro,
+                     "element_forward_costs": ctx.fwd_costs or [], "aux_bytes": aux_sizes, "coupling": pc.coupling,
+                     "micro_batches": ctx.micro, "micro_seconds": [[m, t] for m, t in ctx.micro_seconds.items()],
                      "penalty_curvature": [c[0] for c in ctx.caps], "beta_cap": [c[1] for c in ctx.caps]}
         if pc.simulate:
             extra["simulated_ranks"] = pc.simulate
@@ -296,7 +298,8 @@ def _checkpoint(ctx: RunContext, loop: _Loop, step: EpochStep, path: str, preemp
         epoch=step.epoch - (partial is not None), world_size=ctx.comm.size, replicas=ctx.cfg.parallel.replicas,
         metrics_path=path, best_test_acc=loop.best, final_test_acc=loop.final, config=ctx.cfg.to_dict(),
         stage_ranges=[list(r) for r in ctx.ranges] if ctx.ranges else None, element_costs=ctx.costs,
-        element_forward_costs=ctx.fwd_costs, beta_caps=[list(c) for c in ctx.caps] or None, partial=partial)
+        element_forward_costs=ctx.fwd_costs, beta_caps=[list(c) for c in ctx.caps] or None, partial=partial,
+        micro=ctx.micro if ctx.ranges else None)
     return C.save(ctx.ckpt_dir, ctx.comm, model=ctx.model, optimizer=ctx.opt,
                   store=loop.engine.store if loop.engine is not None else None, meta=meta,
                   engine_state=None if preempted is None else preempted["state"])

@@ -41,6 +41,7 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())["models"]["resnet8-tiny"]
     assert r["engine_graph_bf16"] > 0 and len(r["stages"]["2/auto"]["engine_ms"]) == 2
+    assert r["stages"]["2/timed"]["micro_batches"] == 1 and "16" in r["split_costs"]  # 8x8: no M > 1 keeps BatchNorm
     costs = json.loads((tmp_path / "c.json").read_text())["models"]["resnet8-tiny"]
     assert len(costs["element_seconds"]) == 5 and "| 2 |" in p.stdout
 

@@ -1,0 +1,102 @@
+"""The automatic micro-batch count that knows the device (parallel.micro_measure): the pure choice
+from timed candidates, the run that trains at the timed M, and the real timing on this CPU."""
+import json
+
+import numpy as np
+import pytest
+
+from hpc_layerpar import runsetup
+from hpc_layerpar.config import ConfigError, resolve
+from hpc_layerpar.metrics import read_metrics
+from hpc_layerpar.schedule import timed_micro
+
+from conftest import make_dataset, run_cli
+
+# ResNet-56, captured bf16 graphs on an H100 (docs/gpu-h100/gpu-role.log): forward + backward of
+# the 29 elements at micro-batch 128 and at 32, microseconds
+H100_FB128 = [138, 379, 379, 377, 379, 379, 379, 379, 379, 379, 325, 237, 237, 236, 237, 236, 236, 236, 236, 255,
+              177, 177, 176, 175, 176, 175, 173, 177, 83]
+H100_FB32 = [72, 188, 188, 190, 189, 190, 190, 190, 191, 190, 212, 161, 160, 161, 160, 159, 159, 159, 160, 166,
+             135, 135, 134, 134, 135, 135, 134, 134, 69]
+
+
+def test_the_timed_choice_keeps_the_gpu_busy_and_the_cpu_rule():
+    # on the H100, four micro-batches of 32 cost 2.44 x one batch of 128: M = 1
+    assert timed_micro({1: sum(H100_FB128), 4: 4 * sum(H100_FB32)}, 0.25) == 1
+    assert timed_micro({1: sum(H100_FB128), 4: 4 * sum(H100_FB32)}, 1.5) == 4
+    # a device that costs each sample its share (a CPU at one thread): the largest candidate
+    assert timed_micro({1: 1.0, 2: 1.02, 4: 1.08}, 0.25) == 4
+    # in between: the largest within the bound, even if a larger one is cheaper than a smaller one
+    assert timed_micro({1: 1.0, 2: 1.2, 4: 2.4}, 0.25) == 2
+    assert timed_micro({1: 1.0, 2: 1.3, 4: 1.2}, 0.25) == 4
+    assert timed_micro({1: 1.0}, 0.0) == 1
+
+
+def test_micro_measure_and_overhead_are_checked():
+    with pytest.raises(ConfigError, match="parallel.micro_measure='gpu' is not one of auto, on, off"):
+        resolve("mnist-resnet-penalty", sets=["parallel.micro_measure=gpu"])
+    with pytest.raises(ConfigError, match="parallel.micro_overhead=-0.1 must be >= 0"):
+        resolve("mnist-resnet-penalty", sets=["parallel.micro_overhead=-0.1"])
+
+
+def _cfg(tmp_path, data, name, *sets):
+    return resolve("mnist-resnet-penalty", sets=[
+        f"data.path={data}", "data.batch_size=64", "model.depth=8", "model.base_width=4", "train.phases=penalty:1",
+        "optim.warmup_epochs=0",
+        "parallel.partition=macs", "parallel.simulate=2", "run.threads=1", "run.device=cpu",
+        f"run.out_dir={tmp_path}/runs", f"run.name={name}", "data.augment=false", *sets])
+
+
+def _fixed_cost(fixed_us):
+    """A device where every element costs fixed_us per call plus 1 us per sample (a GPU, when fixed_us
+    is large against the batch): what runsetup.measure_costs would time there."""
+    def measure(model, batch_size, device, reps=4, graphs=False, forward=False):
+        return [fixed_us + batch_size] * len(model)
+    return measure
+
+
+@pytest.mark.parametrize("fixed_us, expect", [(100, 1), (0, 4)])
+def test_the_run_trains_at_the_timed_micro_batch_count(tmp_path, monkeypatch, fixed_us, expect):
+    """28x28 images at batch 64: the BatchNorm rule allows M = 1, 2, 4. With a per-call cost of 100 us
+    against 1 us per sample, 2 micro-batches cost 1.6 x one batch: the timed M is 1; with none it is
+    4. The run records the timings and trains exactly as the run given that M (the engine takes set-up's
+    M, not its own), and differently from the other."""
+    from hpc_layerpar.train import run
+
+    data = make_dataset(tmp_path / "d.h5", n_train=256, n_test=64, size=28, classes=4)
+    monkeypatch.setattr(runsetup, "measure_costs", _fixed_cost(fixed_us))
+    timed = read_metrics(run(_cfg(tmp_path, data, "timed", "parallel.micro_measure=on"), quiet=True).metrics_path)
+    monkeypatch.undo()
+    assert timed["attrs"]["micro_batches"] == expect
+    seconds = {int(m): t for m, t in json.loads(timed["attrs"]["micro_seconds"])}
+    assert sorted(seconds) == [1, 2, 4] and timed_micro(seconds, 0.25) == expect
+    same = read_metrics(run(_cfg(tmp_path, data, "same", f"parallel.micro_batches={expect}"), quiet=True).metrics_path)
+    other = read_metrics(run(_cfg(tmp_path, data, "other", f"parallel.micro_batches={5 - expect}"),
+                             quiet=True).metrics_path)
+    assert same["attrs"]["micro_seconds"] == "[]" and same["attrs"]["micro_batches"] == expect
+    for col in ("train_loss", "local_loss", "residual", "test_acc"):
+        assert np.array_equal(timed["columns"][col], same["columns"][col], equal_nan=True), col
+    assert not np.array_equal(timed["columns"]["local_loss"], other["columns"]["local_loss"])
+
+
+def test_the_automatic_micro_batches_timed_on_this_cpu_and_kept_on_resume(tmp_path):
+    """No stand-in: parallel.micro_measure=on times the candidates on this CPU under mpiexec. The log
+    says what was timed and chosen, the metrics file holds the figures, the chosen M is the rule's
+    pick from them, and a resume takes the M from the checkpoint instead of timing again."""
+    data = make_dataset(tmp_path / "d.h5", n_train=256, n_test=64, size=28, classes=4)
+    base = ["train", "--preset", "mnist-resnet-penalty", "--set", f"data.path={data}", "--set", "data.batch_size=64",
+            "--set", "model.depth=8", "--set", "model.base_width=4", "--set", "train.phases=penalty:2",
+            "--set", "run.threads=1", "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs",
+            "--set", "run.name=cpu", "--set", "parallel.micro_measure=on"]
+    first = run_cli(base + ["--set", "run.stop_after=1"], n=2)
+    assert first.returncode == 75, first.stdout + first.stderr
+    assert "automatic micro-batches timed on cpu" in first.stdout
+    (path,) = (tmp_path / "runs").glob("cpu-*.h5")
+    m = read_metrics(str(path))
+    seconds = {int(k): t for k, t in json.loads(m["attrs"]["micro_seconds"])}
+    assert sorted(seconds) == [1, 2, 4] and all(t > 0 for t in seconds.values())
+    assert m["attrs"]["micro_batches"] == timed_micro(seconds, 0.25)
+    again = run_cli(base + ["--resume", "auto"], n=2)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "automatic micro-batches timed" not in again.stdout
+    assert read_metrics(str(path))["attrs"]["micro_batches"] == m["attrs"]["micro_batches"]

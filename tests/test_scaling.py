@@ -1,0 +1,62 @@
+"""The scaling model against what a GPU measured: the pipeline's stages timed alone on an H100
+(benchmarks/gpu.py, docs/gpu-h100/), ResNet-56 at batch 128, projected on NVLink."""
+import json
+import os
+
+import pytest
+
+from hpc_layerpar import scaling as S
+
+from conftest import ROOT
+
+H100 = os.path.join(ROOT, "docs", "gpu-h100")
+
+
+def _load(name):
+    with open(os.path.join(H100, name)) as f:
+        return json.load(f)
+
+
+def _h100():
+    rec = _load("gpu-role.json")["models"]["resnet56"]
+    costs = _load("costs-resnet56.json")["models"]["resnet56"]
+    split = _load("split-costs.json")["resnet56"]
+    model = S.Model("resnet56", costs["element_seconds"], costs["boundary_numel"], costs["parameters"], 128,
+                    t1_seconds=rec["graph_bf16"] / 1e3)  # the captured bf16 loop: gpu.py's T1
+    return rec, model, split
+
+
+# (K, M, the label of gpu.py's row); the automatic M was 4 at K = 2 and 4 (micro-batches of 32).
+# At K = 8 it was 8, whose element costs (micro-batches of 16) the log does not hold.
+AUTO = [(2, 4, "auto"), (4, 4, "auto")]
+ONE = [(2, 1, "1"), (4, 1, "1"), (8, 1, "1")]
+
+
+def _predicted(model, split, k, micro):
+    c = split[str(128 // micro)]
+    return S.rho_parallel(model, k, S.PRESETS["nvlink"], micro=micro,
+                          micro_seconds=[t / 1e6 for t in c["forward_backward_us"]],
+                          micro_forward=[t / 1e6 for t in c["forward_us"]])
+
+
+@pytest.mark.parametrize("k, micro, label", AUTO)
+def test_the_model_predicts_the_automatic_micro_batches_rho_within_15_percent(k, micro, label):
+    """The auto M's parallel phase measured 0.60 / 0.94 of one GPU at K = 2 / 4: four micro-batches of
+    32 cost 2.4 x one batch of 128 there. The model fed the micro-batch's measured element costs
+    predicts 0.58 / 1.02; the batch-linear model (element costs at 128, divided by M) 1.38 / 2.36."""
+    rec, model, split = _h100()
+    measured = rec["stages"][f"{k}/{label}"]["projected"]["nvlink"][0]
+    predicted = _predicted(model, split, k, micro)
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+    linear = S.rho_parallel(model, k, S.PRESETS["nvlink"], micro=micro)
+    assert linear / measured > 2, "the batch-linear model is the one these figures contradict"
+
+
+@pytest.mark.parametrize("k, micro, label", ONE)
+def test_the_model_at_one_micro_batch_per_step(k, micro, label):
+    """At M = 1 the micro-batch is the batch: measured 1.67 / 2.64 / 4.04, predicted 1.37 / 2.41 / 3.99.
+    The K = 2 row is 18% low: the element timings of the first 9 blocks sum to 1.14 x what the captured
+    stage took (3.60 ms); the one figure here outside 15%, held at 20%."""
+    rec, model, split = _h100()
+    measured = rec["stages"][f"{k}/{label}"]["projected"]["nvlink"][0]
+    assert abs(_predicted(model, split, k, micro) / measured - 1) < 0.20
