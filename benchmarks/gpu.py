@@ -1,28 +1,16 @@
 """One command, one run on one GPU: how this engine's steps compare with the best single-GPU loop, and
-what K GPUs would gain.
+what K GPUs would gain (what each figure is: benchmarks/README.md, "GPU").
 
-    python benchmarks/gpu.py [--models resnet20-mnist,resnet56] [--ks 2,4,8] [--steps 60]
+    python benchmarks/gpu.py [--models resnet20-mnist,resnet56] [--ks 2,4,8] [--steps 60] [--micro timed,0,1]
                              [--json OUT.json] [--save-costs COSTS.json] [--share 2 --data data/mnist.h5]
 
-Per model, at batch 128, ms per training step (wall clock over --steps steps, after warm-up):
-  eager fp32          a plain PyTorch loop (gather, forward, cross-entropy, backward, SGD)
-  graph fp32 / bf16   the same step captured whole in one CUDA graph (bf16: autocast, channels_last):
-                      the single-GPU limit a user would pick instead of this engine
-  engine eager fp32   this engine's serial step, run.cuda_graphs=off, run.precision=fp32
-  engine graph bf16   this engine's serial step as a run makes it (cuda_graphs auto, bf16, channels_last)
-Then, at each K, the stages of the split a run makes (--split time: balanced by each element's
-captured cost in its stage's role; --split blocks: by block count), each timed alone as if on its
-own GPU (bf16):
-  engine stage step   one global batch of the pipeline coupling as the engine issues it (M micro-batches
-                      of F and B replays, their static-buffer copies, the outbox copies, the optimizer
-                      step), messages not sent
-  captured twin       the same arithmetic captured as one graph with no host work in between
-and the message bytes per step. From these: rho of the parallel phase and of data parallelism
-(the whole network captured at batch 128/K plus a ring allreduce), projected for NVLink and InfiniBand
-HDR, both from the measured steps directly and from the scaling model (hpc_layerpar/scaling.py) fed
-with per-element costs timed as captured bf16 graphs (--save-costs writes them for
-`benchmarks/scaling.py --costs`). --share K also trains one epoch of --data with K ranks sharing this
-GPU (penalty) against one rank (serial), through the CLI, and prints that measured rho."""
+Per model, at batch 128, ms per step of a plain loop (eager; captured as one CUDA graph, fp32 and
+bf16: the single-GPU limit) and of this engine's serial step; then, at each K and M, every pipeline
+stage of the split a run makes, timed alone as if on its own GPU (the engine's F, B and optimizer
+replays, messages not sent) against its captured twin; data parallelism (the network captured at
+batch 128/K plus a ring allreduce); rho of both projected for NVLink and InfiniBand HDR, from the
+measured steps and from the scaling model (hpc_layerpar/scaling.py) fed with the micro-batch's
+element costs timed as captured bf16 graphs."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -53,7 +42,7 @@ from hpc_layerpar.models import build_model, count_parameters, place_model, smal
 from hpc_layerpar.partition import balanced_partition, role_costs  # noqa: E402
 from hpc_layerpar.pipeline import PipelineEngine  # noqa: E402
 from hpc_layerpar.runsetup import device_micro, element_costs  # noqa: E402
-from hpc_layerpar.schedule import micro_batches  # noqa: E402
+from hpc_layerpar.schedule import micro_batches, micro_candidates  # noqa: E402
 from hpc_layerpar.serial import SerialEngine, make_optimizer  # noqa: E402
 
 MODELS = {"resnet20-mnist": (20, 1, 28, 10), "resnet56": (56, 3, 32, 10), "resnet110": (110, 3, 32, 10),
@@ -93,18 +82,11 @@ def new_model(depth, c, h, classes, *, precision="fp32", placed=True):
     return place_model(m, DEV, precision) if placed else m.to(DEV)
 
 
-class _Uncaptured:
-    """What capture() returns off CUDA: replay() runs the function."""
-
-    def __init__(self, fn):
-        self.replay = fn
-
-
 def capture(fn, warm: int = 3):
     """The step captured as one CUDA graph (graphs.capture); off CUDA, an object whose replay runs it."""
     if DEV.type != "cuda":
         fn()
-        return _Uncaptured(fn)
+        return SimpleNamespace(replay=fn)  # off CUDA: replay() runs the function
     return graphs.capture(fn, warm)
 
 
@@ -250,18 +232,19 @@ def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
 
 
 # ---- per-element costs: the split and the scaling model ---------------------------------------
-def micro_of(model, micro, k: int) -> tuple:
+def micro_of(model, micro, k: int, timed: dict) -> tuple:
     """(the pipeline's M at K = k, the device timings behind it): micro as given, 0 the BatchNorm rule
     (parallel.micro_measure=off), "timed" the automatic M a run makes on this device
-    (runsetup.device_micro: the candidates timed here, those within 1 + micro_overhead kept)."""
-    if micro == "timed":
-        model = new_model(*model, precision="bf16")
+    (runsetup.device_micro), timed once per candidate list (the same for every K <= 4) in `timed`."""
+    net = new_model(*model, precision="bf16")
+    if micro != "timed":
+        return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(net), stages=k), {}
+    key = tuple(micro_candidates(ParallelConfig(), BATCH, smallest_map(net), k))
+    if key not in timed:
         solo = Comm.self_()
-        m, per = device_micro(model, ParallelConfig(micro_measure="on"), solo, BATCH, k, DEV,
-                              graphs=DEV.type == "cuda")
+        timed[key] = device_micro(net, ParallelConfig(micro_measure="on"), solo, BATCH, k, DEV, DEV.type == "cuda")
         solo.free()
-        return m, per
-    return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(new_model(*model)), stages=k), {}
+    return timed[key]
 
 
 def split_costs_graph(depth, c, h, classes, m: int) -> tuple:
@@ -356,9 +339,9 @@ def main():
                       "rho compute | DP at batch/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
                       "| model NVLink par / DP |")
                 print("| --- | " + " | ".join("---" for _ in range(11)) + " |")
-                notes = []
+                notes, timed = [], {}
                 for k in ks:
-                    m, per = micro_of((depth, c, h, classes), micro, k)
+                    m, per = micro_of((depth, c, h, classes), micro, k, timed)
                     if per:
                         r["timed_micro"][str(k)] = {"M": m, "seconds": {str(x): t for x, t in per.items()}}
                     if m not in split_at:
@@ -368,20 +351,15 @@ def main():
                     split_costs = split_at[m] if a.split == "time" else ([1] * n_el, [1] * n_el)
                     ranges = balanced_partition(split_costs[0], k, split_costs[1])
                     rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, m) for s in range(k)]
-                    eng_ms = [x[0] for x in rows]
-                    twin_ms = [x[1] for x in rows]
-                    sent = [x[2] for x in rows]
+                    eng_ms, twin_ms, sent = ([x[i] for x in rows] for i in range(3))
                     dp_ms = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True, batch=BATCH // k)
-                    proj = {}
+                    proj, fb_s, fwd_s = {}, *([us / 1e6 for us in split_at[m][i]] for i in (2, 3))
                     for key, net in (("nvlink", S.PRESETS["nvlink"]), ("ib-hdr", S.PRESETS["ib-hdr"])):
                         comm = [2 * m * net.latency_s + b / net.bandwidth for b in sent]
                         tp = max(max(e / 1e3, cm) for e, cm in zip(eng_ms, comm))
                         td = dp_ms / 1e3 + allreduce_s(4 * params, k, net)
-                        proj[key] = (t1 / tp, t1 / td,
-                                     S.rho_parallel(smodel, k, net, micro=m, micro_seconds=[
-                                         us / 1e6 for us in split_at[m][2]], micro_forward=[
-                                         us / 1e6 for us in split_at[m][3]]),
-                                     S.rho_dataparallel(smodel, k, net))
+                        model_par = S.rho_parallel(smodel, k, net, micro=m, micro_seconds=fb_s, micro_forward=fwd_s)
+                        proj[key] = (t1 / tp, t1 / td, model_par, S.rho_dataparallel(smodel, k, net))
                     r["stages"][f"{k}/{mlabel}"] = {"ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms,
                                                     "bytes_per_step": sent, "dp_ms": dp_ms, "projected": proj,
                                                     "micro_batches": m}
@@ -395,7 +373,7 @@ def main():
                     if per:
                         notes.append(f"K = {k}: " + ", ".join(f"M = {x} {t * 1e3:.2f} ms" for x, t in per.items()))
                 if notes:
-                    print("\n(the automatic M timed on this device, forward + backward of one global batch: "
+                    print("\n(the automatic M timed on this device, forward + backward of a batch as M micro-batches: "
                           + "; ".join(notes) + ")", flush=True)
         res["models"][name] = r
     if a.share:

@@ -17,7 +17,7 @@ from .data import DeviceDataset, make_augment, replica_shard
 from .errors import ConfigError
 from .filters import DSFilter
 from .graphs import graph_mode
-from .models import model_from_config, place_model
+from .models import model_from_config, place_model, smallest_map
 from .runsetup import (
     agree,
     check_fit,
@@ -28,7 +28,7 @@ from .runsetup import (
     set_threads,
     stage_ranges,
 )
-from .schedule import PARALLEL, lr_at, parse_phases, total_epochs
+from .schedule import PARALLEL, lr_at, micro_batches, parse_phases, total_epochs
 from .serial import SerialEngine, make_optimizer
 
 
@@ -200,17 +200,18 @@ def _split(ctx: RunContext) -> None:
         ctx.shard = replica_shard(ctx.data.n_train, pc.replicas, ctx.topo.replica, cfg.train.seed)
     ctx.same_split = bool(meta is not None and meta.world_size == comm.size and meta.replicas == pc.replicas
                           and meta.stage_ranges)
-    if ctx.same_split and meta.micro:  # the M the run started with: a re-timed one could differ
-        ctx.micro = meta.micro
+    if ctx.same_split:  # the M the run started with (a re-timed one could differ; none stored: untimed)
+        ctx.micro = meta.micro or micro_batches(pc, cfg.data.batch_size, smallest_map(ctx.model), ctx.topo.stages)
     else:
         ctx.micro, ctx.micro_seconds = device_micro(ctx.model, pc, comm, cfg.data.batch_size, ctx.topo.stages,
-                                                    ctx.device, graphs=ctx.serial.graphs.mode == "cuda")
+                                                    ctx.device, graphs=ctx.serial.graphs.mode == "cuda",
+                                                    deterministic=cfg.run.deterministic)
         if ctx.micro_seconds and comm.rank == 0:
             t1 = ctx.micro_seconds[1]
             timed = ", ".join(f"M = {m}: {t * 1e3:.3g} ms ({t / t1:.2f}x)" for m, t in ctx.micro_seconds.items())
-            print(f"hpc_layerpar: automatic micro-batches timed on {ctx.device} (forward + backward of one global "
-                  f"batch): {timed}; M = {ctx.micro}, the largest within 1 + parallel.micro_overhead = "
-                  f"{1 + pc.micro_overhead:g}x", flush=True)
+            print(f"hpc_layerpar: automatic micro-batches timed on {ctx.device} (forward + backward of "
+                  f"{sub_batch} samples, summed per element): {timed}; M = {ctx.micro}, the largest within "
+                  f"1 + parallel.micro_overhead = {1 + pc.micro_overhead:g}x", flush=True)
     if ctx.same_split:  # the split the run started with: a re-measured one could differ
         ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
         ctx.fwd_costs = meta.element_forward_costs

@@ -117,19 +117,26 @@ def element_costs(model, pcfg, comm, batch_size: int, device, graphs: bool = Fal
     return fb, fwd
 
 
-def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs: bool = False) -> tuple:
-    """(M, {M: seconds of forward + backward per global batch}): the automatic micro-batch count on a
-    device that loses throughput on small batches (a GPU, where a 32-sample micro-batch of a ResNet
-    on 32x32 images runs at 40% of the 128-sample throughput: docs/RESULTS.md). Of the BatchNorm
-    rule's candidates, the largest whose M micro-batches (the whole network timed per element at
-    batch/M, as the partitioner times it, averaged over ranks so all ranks choose alike) cost at
-    most 1 + parallel.micro_overhead of one global batch. Without a measurement (M given,
-    micro_measure off, or auto on a CPU, where small batches cost about their share) the rule's
-    M and {}."""
+def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs: bool = False,
+                 deterministic: bool = False) -> tuple:
+    """(M, {M: seconds of forward + backward of one replica's batch as M micro-batches}): the
+    automatic micro-batch count on a device that loses throughput on small batches (a GPU, where a
+    32-sample micro-batch of a ResNet on 32x32 images runs at 40% of the 128-sample throughput:
+    docs/RESULTS.md). Of the BatchNorm rule's candidates, the largest whose M micro-batches (the
+    whole network timed per element at batch/(R M), as the partitioner times it, summed over the
+    elements, averaged over ranks so all ranks choose alike) cost at most 1 + micro_overhead of one
+    batch. Timed with micro_measure=on, or auto when every rank holds a GPU and the run is neither
+    simulated (its threads would time each other) nor run.deterministic (a timed M may differ
+    between launches); otherwise the rule's M and {}."""
     cands = micro_candidates(pcfg, batch_size, smallest_map(model), stages)
-    timed = pcfg.micro_measure == "on" or (pcfg.micro_measure == "auto" and device.type == "cuda")
-    if pcfg.micro_batches or not timed or len(cands) == 1:
-        return micro_batches(pcfg, batch_size, smallest_map(model), stages), {}
+    rule = micro_batches(pcfg, batch_size, smallest_map(model), stages)
+    if pcfg.micro_batches or pcfg.micro_measure == "off" or len(cands) == 1:
+        return rule, {}
+    if pcfg.micro_measure == "auto":
+        # decided together: a rank that skipped the timing would leave the others in its allreduce
+        gpus = comm.allreduce_array([float(device.type == "cuda")], op="min")[0]
+        if not gpus or pcfg.simulate or deterministic:
+            return rule, {}
     sub = batch_size // pcfg.replicas
     per = {}
     for m in cands:  # ascending, 1 first

@@ -70,7 +70,7 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
         us, fwd, reps = [max(1, int(t * 1e6)) for t in m.element_seconds], None, 1
     else:
         us, reps = [max(1, int(t * 1e6)) for t in micro_seconds], micro
-        fwd = None if micro_forward is None else [int(t * 1e6) for t in micro_forward]
+        fwd = None if micro_forward is None else [max(1, int(t * 1e6)) for t in micro_forward]
     # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
     up, last = role_costs(us, fwd)
     ranges = balanced_partition(up, k, last)

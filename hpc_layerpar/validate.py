@@ -119,7 +119,9 @@ def _validate_parallel(cfg) -> None:
     _choice("parallel.switch_momentum", pc.switch_momentum, ("keep", "reset"))
     _positive("parallel.micro_batches", pc.micro_batches, strict=False)
     _choice("parallel.micro_measure", pc.micro_measure, ("auto", "on", "off"))
-    _positive("parallel.micro_overhead", pc.micro_overhead, strict=False)
+    if not 0 <= pc.micro_overhead < float("inf"):  # NaN fails too
+        raise ConfigError(f"parallel.micro_overhead={pc.micro_overhead} must be a number >= 0 (0.25: M micro-batches "
+                          "may cost 1.25x one batch).")
     _positive("parallel.simulate", pc.simulate, strict=False)
     if not 0 < pc.al_rho <= 1:
         raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")

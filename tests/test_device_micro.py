@@ -35,44 +35,59 @@ def test_the_timed_choice_keeps_the_gpu_busy_and_the_cpu_rule():
 def test_micro_measure_and_overhead_are_checked():
     with pytest.raises(ConfigError, match="parallel.micro_measure='gpu' is not one of auto, on, off"):
         resolve("mnist-resnet-penalty", sets=["parallel.micro_measure=gpu"])
-    with pytest.raises(ConfigError, match="parallel.micro_overhead=-0.1 must be >= 0"):
-        resolve("mnist-resnet-penalty", sets=["parallel.micro_overhead=-0.1"])
+    for bad in ("-0.1", "nan", "inf"):
+        with pytest.raises(ConfigError, match=f"parallel.micro_overhead={bad} must be a number >= 0"):
+            resolve("mnist-resnet-penalty", sets=[f"parallel.micro_overhead={bad}"])
 
 
-def _cfg(tmp_path, data, name, *sets):
+def _cfg(tmp_path, data, name, *sets, ranks=2):
     return resolve("mnist-resnet-penalty", sets=[
         f"data.path={data}", "data.batch_size=64", "model.depth=8", "model.base_width=4", "train.phases=penalty:1",
-        "optim.warmup_epochs=0",
-        "parallel.partition=macs", "parallel.simulate=2", "run.threads=1", "run.device=cpu",
-        f"run.out_dir={tmp_path}/runs", f"run.name={name}", "data.augment=false", *sets])
+        "optim.warmup_epochs=0", "parallel.partition=macs", f"parallel.simulate={ranks}", "run.threads=1",
+        "run.device=cpu", f"run.out_dir={tmp_path}/runs", f"run.name={name}", "data.augment=false", *sets])
 
 
-def _fixed_cost(fixed_us):
+def _fixed_cost(fixed_us, seen):
     """A device where every element costs fixed_us per call plus 1 us per sample (a GPU, when fixed_us
-    is large against the batch): what runsetup.measure_costs would time there."""
+    is large against the batch): what runsetup.measure_costs would time there. seen: the batch sizes."""
     def measure(model, batch_size, device, reps=4, graphs=False, forward=False):
+        seen.add(batch_size)
         return [fixed_us + batch_size] * len(model)
     return measure
 
 
-@pytest.mark.parametrize("fixed_us, expect", [(100, 1), (0, 4)])
-def test_the_run_trains_at_the_timed_micro_batch_count(tmp_path, monkeypatch, fixed_us, expect):
-    """28x28 images at batch 64: the BatchNorm rule allows M = 1, 2, 4. With a per-call cost of 100 us
-    against 1 us per sample, 2 micro-batches cost 1.6 x one batch: the timed M is 1; with none it is
-    4. The run records the timings and trains exactly as the run given that M (the engine takes set-up's
-    M, not its own), and differently from the other."""
+# (fixed cost, replicas, the timed M, another M, the batch sizes timed); K = 2 stages x R replicas
+TIMED = [(100, 1, 1, 4, {64, 32, 16}), (0, 1, 4, 1, {64, 32, 16}), (100, 2, 1, 2, {32, 16})]
+
+
+@pytest.mark.parametrize("fixed_us, replicas, expect, other_m, batches", TIMED)
+def test_the_run_trains_at_the_timed_micro_batch_count(tmp_path, monkeypatch, fixed_us, replicas, expect, other_m,
+                                                       batches):
+    """28x28 images at batch 64: the BatchNorm rule allows M = 1, 2, 4 (1, 2 for a replica's 32). With a
+    per-call cost of 100 us against 1 us per sample, 2 micro-batches cost 1.6 x one batch: the timed M
+    is 1; with none it is the largest. The run times a replica's batch, records the timings and trains
+    exactly as the run given that M (the engine takes set-up's M, not its own), and differently from
+    another M. parallel.micro_measure=auto times nothing here (a CPU, and simulated)."""
     from hpc_layerpar.train import run
 
     data = make_dataset(tmp_path / "d.h5", n_train=256, n_test=64, size=28, classes=4)
-    monkeypatch.setattr(runsetup, "measure_costs", _fixed_cost(fixed_us))
-    timed = read_metrics(run(_cfg(tmp_path, data, "timed", "parallel.micro_measure=on"), quiet=True).metrics_path)
-    monkeypatch.undo()
-    assert timed["attrs"]["micro_batches"] == expect
+    seen = set()
+    monkeypatch.setattr(runsetup, "measure_costs", _fixed_cost(fixed_us, seen))
+    n, rep = 2 * replicas, f"parallel.replicas={replicas}"
+
+    def metrics(name, *sets):
+        return read_metrics(run(_cfg(tmp_path, data, name, rep, *sets, ranks=n), quiet=True).metrics_path)
+
+    timed = metrics("timed", "parallel.micro_measure=on")
+    assert seen == batches and timed["attrs"]["micro_batches"] == expect
     seconds = {int(m): t for m, t in json.loads(timed["attrs"]["micro_seconds"])}
-    assert sorted(seconds) == [1, 2, 4] and timed_micro(seconds, 0.25) == expect
-    same = read_metrics(run(_cfg(tmp_path, data, "same", f"parallel.micro_batches={expect}"), quiet=True).metrics_path)
-    other = read_metrics(run(_cfg(tmp_path, data, "other", f"parallel.micro_batches={5 - expect}"),
-                             quiet=True).metrics_path)
+    assert sorted(seconds) == sorted(64 // replicas // b for b in batches)
+    assert timed_micro(seconds, 0.25) == expect
+    auto = metrics("auto")
+    assert auto["attrs"]["micro_seconds"] == "[]" and auto["attrs"]["micro_batches"] == 4 // replicas
+    monkeypatch.undo()
+    same = metrics("same", f"parallel.micro_batches={expect}")
+    other = metrics("other", f"parallel.micro_batches={other_m}")
     assert same["attrs"]["micro_seconds"] == "[]" and same["attrs"]["micro_batches"] == expect
     for col in ("train_loss", "local_loss", "residual", "test_acc"):
         assert np.array_equal(timed["columns"][col], same["columns"][col], equal_nan=True), col
