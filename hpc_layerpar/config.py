@@ -62,7 +62,7 @@ class ParallelConfig:
     coupling: str = "pipeline"  # pipeline (ALGORITHM.md s.4), the only one; kept so config files load
     micro_batches: int = 0      # M micro-batches per global batch (one step per M); 0: auto
     micro_measure: str = "auto"  # auto M timed on the device: auto (on GPUs) | on | off (BatchNorm rule alone)
-    micro_overhead: float = 0.25  # ... keeps M only if M micro-batches cost <= 1 + this of one global batch
+    micro_overhead: float = 0.25  # ... keeps M only if M micro-batches cost <= 1 + this of one batch
     beta: float = 1.0           # penalty weight, per element of the boundary
     beta_guard: str = "auto"    # auto: cap beta where lr*beta*curvature > 1 | refuse: error | off
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)

@@ -57,7 +57,7 @@ class RunContext:
     shard: object = None                 # this replica's sample ids (R > 1)
     same_split: bool = False             # resumed at the rank count and split of the checkpoint
     micro: int = 1                       # the pipeline's micro-batches per step
-    micro_seconds: dict = field(default_factory=dict)  # auto M timed on the device: {M: s per global batch}
+    micro_seconds: dict = field(default_factory=dict)  # auto M timed on the device: {M: s per batch as M}
 
     @property
     def start_epoch(self) -> int:
