@@ -63,6 +63,7 @@ class ParallelConfig:
     micro_batches: int = 0      # M micro-batches per global batch (one step per M); 0: auto
     micro_measure: str = "auto"  # auto M timed on the device: auto (on GPUs) | on | off (BatchNorm rule alone)
     micro_overhead: float = 0.25  # ... keeps M only if M micro-batches cost <= 1 + this of one batch
+    micro_max_delay: float = 6.0  # ... and only if stage 0's delay 2(K-1)/M <= this many optimizer steps
     beta: float = 1.0           # penalty weight, per element of the boundary
     beta_guard: str = "auto"    # auto: cap beta where lr*beta*curvature > 1 | refuse: error | off
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)

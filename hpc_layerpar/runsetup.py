@@ -14,7 +14,7 @@ from .errors import ConfigError, UserError
 from .filters import DSFilter, check_boundaries, divides
 from .models import smallest_map
 from .partition import balanced_partition, role_costs
-from .schedule import micro_batches, micro_candidates, timed_micro
+from .schedule import least_micro, micro_batches, micro_candidates, timed_micro
 
 if TYPE_CHECKING:  # annotations only: importing comm here at run time is not needed
     from .comm import Comm
@@ -125,7 +125,8 @@ def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs
     docs/RESULTS.md). Of the BatchNorm rule's candidates, the largest whose M micro-batches (the
     whole network timed per element at batch/(R M), as the partitioner times it, summed over the
     elements, averaged over ranks so all ranks choose alike) cost at most 1 + micro_overhead of one
-    batch. Timed with micro_measure=on, or auto when every rank holds a GPU and the run is neither
+    batch, but never one that leaves stage 0 more than micro_max_delay optimizer steps behind.
+    Timed with micro_measure=on, or auto when every rank holds a GPU and the run is neither
     simulated (its threads would time each other) nor run.deterministic (a timed M may differ
     between launches); otherwise the rule's M and {}."""
     cands = micro_candidates(pcfg, batch_size, smallest_map(model), stages)
@@ -142,7 +143,8 @@ def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs
     for m in cands:  # ascending, 1 first
         mine = measure_costs(model, sub // m, device, graphs=graphs)
         per[m] = m * float(comm.allreduce_array(mine).sum()) / comm.size / 1e6
-    return timed_micro(per, pcfg.micro_overhead), per
+    # never below the M that keeps the delay trainable: at K = 8, M = 1 (14 steps) diverged (RESULTS.md)
+    return timed_micro(per, pcfg.micro_overhead, least_micro(cands, stages, pcfg.micro_max_delay)), per
 
 
 def _role_split(costs, forward, k: int, starts=None) -> list:

@@ -169,7 +169,13 @@ def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
     return max(micro_candidates(pcfg, batch_size, min_pixels, stages))
 
 
-def timed_micro(seconds: dict, overhead: float) -> int:
-    """Of the timed candidates {M: seconds of forward + backward of one global batch as M
-    micro-batches} (1 among them), the largest M costing at most (1 + overhead) x M = 1's."""
-    return max(m for m, t in seconds.items() if t <= (1 + overhead) * seconds[1])
+def timed_micro(seconds: dict, overhead: float, least: int = 1) -> int:
+    """Of the timed candidates {M: seconds of forward + backward of one batch as M micro-batches}
+    (1 among them), the largest M costing at most (1 + overhead) x M = 1's, but at least `least`."""
+    return max(least, max(m for m, t in seconds.items() if t <= (1 + overhead) * seconds[1]))
+
+
+def least_micro(candidates: list, stages: int, max_delay: float) -> int:
+    """The smallest candidate M that leaves stage 0 at most max_delay optimizer steps behind
+    (2(K-1)/M, ALGORITHM.md s.4), or the largest candidate if none does."""
+    return min((m for m in candidates if 2 * (stages - 1) <= max_delay * m), default=max(candidates))

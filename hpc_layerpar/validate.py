@@ -122,6 +122,9 @@ def _validate_parallel(cfg) -> None:
     if not 0 <= pc.micro_overhead < float("inf"):  # NaN fails too
         raise ConfigError(f"parallel.micro_overhead={pc.micro_overhead} must be a number >= 0 (0.25: M micro-batches "
                           "may cost 1.25x one batch).")
+    if not 0 < pc.micro_max_delay < float("inf"):
+        raise ConfigError(f"parallel.micro_max_delay={pc.micro_max_delay} must be a number > 0 (6: the timed M leaves "
+                          "stage 0 at most 6 optimizer steps behind).")
     _positive("parallel.simulate", pc.simulate, strict=False)
     if not 0 < pc.al_rho <= 1:
         raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")

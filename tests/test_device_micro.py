@@ -8,7 +8,7 @@ import pytest
 from hpc_layerpar import runsetup
 from hpc_layerpar.config import ConfigError, resolve
 from hpc_layerpar.metrics import read_metrics
-from hpc_layerpar.schedule import timed_micro
+from hpc_layerpar.schedule import least_micro, timed_micro
 
 from conftest import make_dataset, run_cli
 
@@ -32,12 +32,28 @@ def test_the_timed_choice_keeps_the_gpu_busy_and_the_cpu_rule():
     assert timed_micro({1: 1.0}, 0.0) == 1
 
 
+def test_the_timed_choice_keeps_the_delay_trainable():
+    """Stage 0 updates 2(K-1)/M optimizer steps after its forward. At K = 8 and M = 1 (14 steps) the
+    Fashion-MNIST runs diverged in the warm-up epoch (RESULTS.md); at K = 4 (6 steps) they trained.
+    With micro_max_delay = 6 the timed M on the H100 costs is therefore 1 at K = 4 and 4 at K = 8."""
+    assert least_micro([1, 2, 4], 4, 6) == 1
+    assert least_micro([1, 2, 4, 8], 8, 6) == 4       # 14 / 4 = 3.5 steps; 14 / 2 = 7 > 6
+    assert least_micro([1, 2, 4], 4, 2) == 4          # 6 / 4 = 1.5 steps; 6 / 2 = 3 > 2
+    assert least_micro([1, 2], 8, 6) == 2             # none is short enough: the largest
+    h100 = {1: sum(H100_FB128), 4: 4 * sum(H100_FB32)}
+    assert timed_micro(h100, 0.25, least_micro([1, 2, 4], 4, 6)) == 1
+    assert timed_micro(h100, 0.25, least_micro([1, 2, 4, 8], 8, 6)) == 4
+
+
 def test_micro_measure_and_overhead_are_checked():
     with pytest.raises(ConfigError, match="parallel.micro_measure='gpu' is not one of auto, on, off"):
         resolve("mnist-resnet-penalty", sets=["parallel.micro_measure=gpu"])
     for bad in ("-0.1", "nan", "inf"):
         with pytest.raises(ConfigError, match=f"parallel.micro_overhead={bad} must be a number >= 0"):
             resolve("mnist-resnet-penalty", sets=[f"parallel.micro_overhead={bad}"])
+    for bad in ("0", "nan", "inf"):
+        with pytest.raises(ConfigError, match=f"parallel.micro_max_delay={bad}.* must be a number > 0"):
+            resolve("mnist-resnet-penalty", sets=[f"parallel.micro_max_delay={bad}"])
 
 
 def _cfg(tmp_path, data, name, *sets, ranks=2):
@@ -56,13 +72,15 @@ def _fixed_cost(fixed_us, seen):
     return measure
 
 
-# (fixed cost, replicas, the timed M, another M, the batch sizes timed); K = 2 stages x R replicas
-TIMED = [(100, 1, 1, 4, {64, 32, 16}), (0, 1, 4, 1, {64, 32, 16}), (100, 2, 1, 2, {32, 16})]
+# (fixed cost, replicas, the timed M, another M, the batch sizes timed, the delay cap); K = 2 stages x R
+# replicas, so stage 0 is 2 / M steps behind: a cap of 1 step makes M = 2 the least
+TIMED = [(100, 1, 1, 4, {64, 32, 16}, 6), (0, 1, 4, 1, {64, 32, 16}, 6), (100, 2, 1, 2, {32, 16}, 6),
+         (100, 1, 2, 1, {64, 32, 16}, 1)]
 
 
-@pytest.mark.parametrize("fixed_us, replicas, expect, other_m, batches", TIMED)
+@pytest.mark.parametrize("fixed_us, replicas, expect, other_m, batches, cap", TIMED)
 def test_the_run_trains_at_the_timed_micro_batch_count(tmp_path, monkeypatch, fixed_us, replicas, expect, other_m,
-                                                       batches):
+                                                       batches, cap):
     """28x28 images at batch 64: the BatchNorm rule allows M = 1, 2, 4 (1, 2 for a replica's 32). With a
     per-call cost of 100 us against 1 us per sample, 2 micro-batches cost 1.6 x one batch: the timed M
     is 1; with none it is the largest. The run times a replica's batch, records the timings and trains
@@ -78,11 +96,11 @@ def test_the_run_trains_at_the_timed_micro_batch_count(tmp_path, monkeypatch, fi
     def metrics(name, *sets):
         return read_metrics(run(_cfg(tmp_path, data, name, rep, *sets, ranks=n), quiet=True).metrics_path)
 
-    timed = metrics("timed", "parallel.micro_measure=on")
+    timed = metrics("timed", "parallel.micro_measure=on", f"parallel.micro_max_delay={cap}")
     assert seen == batches and timed["attrs"]["micro_batches"] == expect
     seconds = {int(m): t for m, t in json.loads(timed["attrs"]["micro_seconds"])}
     assert sorted(seconds) == sorted(64 // replicas // b for b in batches)
-    assert timed_micro(seconds, 0.25) == expect
+    assert timed_micro(seconds, 0.25, least_micro(sorted(seconds), 2, cap)) == expect
     auto = metrics("auto")
     assert auto["attrs"]["micro_seconds"] == "[]" and auto["attrs"]["micro_batches"] == 4 // replicas
     monkeypatch.undo()
