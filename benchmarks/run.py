@@ -97,6 +97,7 @@ def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1,
             "switch_seconds": float(c["switch_seconds"][0]),
             "samples": int(a["n_train"]) // batch * batch,
             "micro_batches": int(a["micro_batches"]) if parallel else None,
+            "keep_forward": bool(json.loads(a["config"])["parallel"]["keep_forward"]) if parallel else None,
             "ranges": _json(a["stage_ranges"]) if parallel else None}
 
 

@@ -87,7 +87,8 @@ def main():
                 else:
                     label = f"{r['method']} ds={r['ds']} {r['message_dtype']} M={r['micro_batches']}"
                     pred = S.rho_parallel(m, 2, here, ds=r["ds"], micro=r["micro_batches"],
-                                          msg_bytes=2 if r["message_dtype"] == "bfloat16" else 4)
+                                          msg_bytes=2 if r["message_dtype"] == "bfloat16" else 4,
+                                          keep=r.get("keep_forward", False))
                 err = (pred - r["rho"]) / r["rho"]
                 print(f"| resnet{depth} | {label} | {r['rho']:.2f} | {pred:.2f} | {100 * err:+.1f}% |")
         print()

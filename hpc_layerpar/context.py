@@ -23,6 +23,7 @@ from .runsetup import (
     check_fit,
     device_micro,
     element_costs,
+    recompute_shares,
     resolve_device,
     set_deterministic,
     set_threads,
@@ -57,6 +58,7 @@ class RunContext:
     shard: object = None                 # this replica's sample ids (R > 1)
     same_split: bool = False             # resumed at the rank count and split of the checkpoint
     micro: int = 1                       # the pipeline's micro-batches per step
+    shares: list | None = None           # per non-last stage: the share of B that recomputes F (None: all)
     micro_seconds: dict = field(default_factory=dict)  # auto M timed on the device: {M: s per batch as M}
 
     @property
@@ -212,6 +214,7 @@ def _split(ctx: RunContext) -> None:
             print(f"hpc_layerpar: automatic micro-batches timed on {ctx.device} (forward + backward of "
                   f"{sub_batch} samples, summed per element): {timed}; M = {ctx.micro}, the largest within "
                   f"1 + parallel.micro_overhead = {1 + pc.micro_overhead:g}x", flush=True)
+    ctx.shares = recompute_shares(pc, ctx.topo.stages, ctx.micro, ctx.serial.graphs.mode == "cuda")
     if ctx.same_split:  # the split the run started with: a re-measured one could differ
         ctx.costs, ctx.ranges = meta.element_costs, [tuple(r) for r in meta.stage_ranges]
         ctx.fwd_costs = meta.element_forward_costs
@@ -219,7 +222,8 @@ def _split(ctx: RunContext) -> None:
         # timed on what a stage step runs on: the pipeline's micro-batches
         ctx.costs, ctx.fwd_costs = element_costs(ctx.model, pc, comm, sub_batch // ctx.micro, ctx.device,
                                                  graphs=ctx.serial.graphs.mode == "cuda")
-        ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs, ctx.fwd_costs))
+        ctx.ranges = agree(comm, lambda: stage_ranges(ctx.model, ctx.topo.stages, pc, ctx.costs, ctx.fwd_costs,
+                                                      ctx.shares))
     if ctx.same_split and meta.beta_caps and _same_guard(meta.config, cfg):
         # the caps the run started with: measured again on the resumed weights they would differ, and
         # the resumed run would no longer equal the uninterrupted one

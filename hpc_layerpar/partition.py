@@ -6,27 +6,28 @@ class PartitionError(ValueError):
     """The elements cannot be split into the requested stages (too few elements or a negative cost)."""
 
 
-def _reach(costs, stages: int, bound: int) -> int:
-    """How many leading elements `stages` stages of at most `bound` each can hold (greedy: each
-    stage takes all it can; stages may stay empty)."""
-    i, n = 0, len(costs)
-    for _ in range(stages):
+def _reach(per, bound: int) -> int:
+    """How many leading elements the stages of `per` (each stage's element costs) of at most `bound`
+    each can hold (greedy: each stage takes all it can, which leaves the later stages the least;
+    stages may stay empty)."""
+    i = 0
+    for costs in per:
         acc = 0
-        while i < n and acc + costs[i] <= bound:
+        while i < len(costs) and acc + costs[i] <= bound:
             acc += costs[i]
             i += 1
     return i
 
 
-def _last_start(costs, last, k: int, bound: int):
+def _last_start(per, last, k: int, bound: int):
     """Where the last stage starts in a split whose every stage fits `bound`, or None. Every prefix
     that k-1 stages can hold can also be cut into k-1 non-empty stages (if it has k-1 elements), and
     the last stage's cost only falls as its start moves right: the longest prefix is best."""
-    j = min(_reach(costs, k - 1, bound), len(costs) - 1)
+    j = min(_reach(per, bound), len(last) - 1)
     return j if j >= k - 1 and sum(last[j:]) <= bound else None
 
 
-def balanced_partition(costs, k: int, last=None, starts=None) -> list[tuple[int, int]]:
+def balanced_partition(costs, k: int, last=None, starts=None, upstream=None) -> list[tuple[int, int]]:
     """K half-open ranges [start, end) covering range(len(costs)) in order, each non-empty,
     whose largest summed cost is as small as possible (the linear partition problem).
 
@@ -39,38 +40,46 @@ def balanced_partition(costs, k: int, last=None, starts=None) -> list[tuple[int,
     stages first, cut so that every later stage still gets at least one element.
 
     starts: the elements a stage may start at besides 0 (None: any). A DS filter needs boundaries
-    whose H and W it divides; the split is then the optimum over those cuts only."""
+    whose H and W it divides; the split is then the optimum over those cuts only.
+
+    upstream: the element costs of each non-last stage (k-1 lists), where they differ between stages
+    (a stage that keeps F's graph for some micro-batches recomputes fewer forwards); default: costs."""
     costs = [int(c) for c in costs]
     last = costs if last is None else [int(c) for c in last]
     n = len(costs)
+    per = [costs] * max(k - 1, 0) if upstream is None else [[int(c) for c in u] for u in upstream]
     if k < 1:
         raise PartitionError(f"the number of stages must be >= 1, got {k}")
     if k > n:
         raise PartitionError(
             f"cannot split {n} elements (stem, {n - 2} blocks, head) into {k} stages: every stage needs "
             f"at least one element. Use at most {n} ranks per pipeline, or a deeper model.")
-    if len(last) != n:
-        raise PartitionError(f"{len(last)} last-stage costs for {n} elements")
-    if any(c < 0 for c in costs + last):
+    if len(last) != n or len(per) != max(k - 1, 0) or any(len(u) != n for u in per):
+        raise PartitionError(f"{len(last)} last-stage costs and {[len(u) for u in per]} upstream costs for "
+                             f"{n} elements and {k} stages")
+    if any(c < 0 for c in costs + last + [c for u in per for c in u]):
         raise PartitionError("element costs must be >= 0")
-    if starts is not None:
-        return _constrained(costs, last, k, sorted({i for i in starts if 0 < i < n}))
-    lo, hi = 0, sum(costs) + sum(last)  # hi always fits
+    if starts is not None or any(u != per[0] for u in per):
+        # stages of different costs: an element moved to an emptier stage may cost more there, so the
+        # greedy fill below is not optimal; the dynamic programme over every cut is
+        return _constrained(per, last, k, sorted({i for i in (range(1, n) if starts is None else starts)
+                                                  if 0 < i < n}))
+    lo, hi = 0, max([sum(u) for u in per] + [0]) + sum(last)  # hi always fits
     while lo < hi:
         mid = (lo + hi) // 2
-        if _last_start(costs, last, k, mid) is not None:
+        if _last_start(per, last, k, mid) is not None:
             hi = mid
         else:
             lo = mid + 1
-    bound, j = lo, _last_start(costs, last, k, lo)
+    bound, j = lo, _last_start(per, last, k, lo)
     ranges, start, acc = [], 0, 0
     for i in range(j):  # stages 0..k-2 over [0, j): each filled as far as the bound allows
         stages_left = k - 1 - len(ranges)        # including the one being filled
         must_cut = (j - i) == (stages_left - 1)  # the rest need one element each
-        if i > start and (acc + costs[i] > bound or must_cut):
+        if i > start and (acc + per[len(ranges)][i] > bound or must_cut):
             ranges.append((start, i))
             start, acc = i, 0
-        acc += costs[i]
+        acc += per[len(ranges)][i]
     if k > 1:
         ranges.append((start, j))
     ranges.append((j if k > 1 else 0, n))
@@ -78,44 +87,57 @@ def balanced_partition(costs, k: int, last=None, starts=None) -> list[tuple[int,
     return ranges
 
 
-def role_costs(costs, forward):
+def role_costs(costs, forward, share: float = 1.0):
     """(costs of each element in a non-last stage, in the last stage) for balanced_partition.
     costs: forward + backward per element; forward: the forward alone (None: a third of costs).
-    A non-last stage of the pipeline adds F's forward to B's forward + backward."""
+    A non-last stage of the pipeline adds F's forward to B's forward + backward: all of it when B
+    recomputes the forward (share 1), nothing more where B goes through F's kept graph (share: the
+    part of its micro-batches that recompute, pipeline_plan.recompute_share)."""
     forward = [c / 3 for c in costs] if forward is None else forward
-    return [int(round(c + f)) for c, f in zip(costs, forward)], list(costs)
+    return [int(round(c + share * f)) for c, f in zip(costs, forward)], list(costs)
 
 
-def stage_costs(costs, ranges, last=None) -> list[int]:
-    """The summed cost of each stage's range [a, b) of costs (of `last` for the last stage, if given)."""
-    out = [sum(costs[a:b]) for a, b in ranges]
+def upstream_costs(costs, forward, shares) -> list:
+    """Each non-last stage's element costs (for balanced_partition's upstream) given the share of
+    its micro-batches that recompute the forward, stage by stage."""
+    return [role_costs(costs, forward, s)[0] for s in shares]
+
+
+def stage_costs(costs, ranges, last=None, upstream=None) -> list[int]:
+    """The summed cost of each stage's range [a, b) of costs (of `last` for the last stage, of
+    upstream[s] for a non-last stage s, if given)."""
+    per = [costs] * len(ranges) if upstream is None else list(upstream) + [costs]
+    out = [sum(per[s][a:b]) for s, (a, b) in enumerate(ranges)]
     if last is not None and ranges:
         a, b = ranges[-1]
         out[-1] = sum(last[a:b])
     return out
 
 
-def _constrained(costs, last, k: int, starts: list) -> list[tuple[int, int]]:
+def _constrained(per, last, k: int, starts: list) -> list[tuple[int, int]]:
     """The optimal split whose stages begin at 0 and at k-1 of `starts` (dynamic programming over
-    the cut positions; ties go to the earliest cuts, so every rank computes the same split)."""
-    n = len(costs)
+    the cut positions; ties go to the earliest cuts, so every rank computes the same split). per:
+    each non-last stage's element costs."""
+    n = len(last)
     if k == 1:
         return [(0, n)]
     if len(starts) < k - 1:
         raise PartitionError(f"only {len(starts)} places to cut the {n} elements allow a stage to start; "
                              f"{k} stages need {k - 1}. Use at most {len(starts) + 1} ranks per pipeline.")
-    pre = [0]
-    for c in costs:
-        pre.append(pre[-1] + c)
+    pre = []  # pre[j][i]: stage j's cost of elements [0, i)
+    for costs in per:
+        pre.append([0])
+        for c in costs:
+            pre[-1].append(pre[-1][-1] + c)
     cuts = [0] + starts
     # best[j][c]: the smallest largest cost of j + 1 non-last stages over [0, cuts[c]), with a choice
     best = [[None] * len(cuts) for _ in range(k - 1)]
-    best[0] = [(pre[b], None) if c > 0 else None for c, b in enumerate(cuts)]
+    best[0] = [(pre[0][b], None) if c > 0 else None for c, b in enumerate(cuts)]
     for j in range(1, k - 1):
         for c in range(1, len(cuts)):
             for p in range(1, c):
                 if best[j - 1][p] is not None:
-                    v = max(best[j - 1][p][0], pre[cuts[c]] - pre[cuts[p]])
+                    v = max(best[j - 1][p][0], pre[j][cuts[c]] - pre[j][cuts[p]])
                     if best[j][c] is None or v < best[j][c][0]:
                         best[j][c] = (v, p)
     top = None

@@ -25,7 +25,7 @@ from .filters import DSFilter
 from .graphs import GraphCache
 from .models import smallest_map
 from .pipeline_graphs import PipelineGraphs
-from .pipeline_plan import ACTIVATIONS, rank_plan
+from .pipeline_plan import ACTIVATIONS, rank_plan, reuses
 from .pipeline_state import freeze, thaw
 from .pipeline_step import MicroBatch, NoRunningStats, StageStep
 from .schedule import micro_batches
@@ -68,6 +68,9 @@ class PipelineEngine:
         self.sums = EpochSums(self.device)  # the same tensors every epoch: captured B steps add to them
         self.step = StageStep(self.stage, data, self.augment, self.M, self.sums)
         self.graphs = PipelineGraphs(self.step, GraphCache(graphs if method == "penalty" else "off"), self.device)
+        # B goes through F's graph where no step falls between them (eager path; captured steps recompute)
+        self.keep = pcfg.keep_forward and not self.graphs.enabled and not self.stage.last
+        self.kept = 0  # micro-batches of the last epoch whose B used F's graph
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None
         if method == "al" and not self.stage.last:
@@ -179,6 +182,7 @@ class PipelineEngine:
         {"where": ..., "state": the frozen state}) when the in-epoch check ended it early."""
         mbs = self.micro_batches(epoch)
         nm = len(mbs)
+        self.kept = 0
         ep = _Epoch(epoch=epoch, lr_fn=lr_fn, beta=beta, mbs=mbs, nb=-(-nm // self.M),
                     last_group=set(range((max(nm - 1, 0) // self.M) * self.M, nm)),  # the probe: the last batch
                     scales=self._scales(mbs))
@@ -267,7 +271,13 @@ class PipelineEngine:
         if self.last:
             ep.inflight[j] = mb
             return
-        d = self.graphs.replay("F", ep.dev, j, n, a=aux)[0] if self.graphs.enabled else self.step.forward(mb)
+        if self.graphs.enabled:
+            d = self.graphs.replay("F", ep.dev, j, n, a=aux)[0]
+        else:
+            keep = self.keep and reuses(self.stage.k, self.stage.K, j, self.M)
+            d = self.step.forward(mb, keep=keep)
+            if keep:
+                ep.kept_at[j] = ep.updates
         ep.outbox[(ACTIVATIONS, j)] = d
         # the anchor of the penalty is the value the downstream rank received (its wire precision); a
         # replay's output is overwritten by the next one: keep a copy
@@ -288,7 +298,11 @@ class PipelineEngine:
         if self.graphs.enabled:
             adj = self.graphs.replay("B", ep.dev, j, len(mb), a=mb.a, p=mb.p, anchor=mb.anchor, scale=mb.scale)[0]
         else:
-            adj, diff = self.step.backward(mb, ep.beta)
+            # F's graph only if the parameters are still those F used (else, or after a resume: recompute)
+            kept = mb.kept is not None and ep.kept_at.pop(j, None) == ep.updates
+            self.kept += kept
+            adj, diff = self.step.backward(mb, ep.beta, kept=kept)
+            mb.kept = None
             if mb.m is not None:
                 self._multiplier_step(mb, diff, ep.beta)
         self.sums.count(len(mb), residual=not self.last, ce=self.last)
@@ -329,5 +343,6 @@ class _Epoch:
     inbox: dict = field(default_factory=dict)     # (channel, j) -> what arrived
     outbox: dict = field(default_factory=dict)    # (channel, j) -> what goes out at the plan's send
     inflight: dict = field(default_factory=dict)  # j -> its MicroBatch, from F to B
+    kept_at: dict = field(default_factory=dict)   # j -> optimizer steps taken when F kept its graph
     dev: tuple = ()  # graph path: the epoch's ids, micro-batch offsets and draws on the device
     probe: dict = field(default_factory=lambda: {"a": [], "idx": [], "x": [], "mbs": []})

@@ -60,6 +60,22 @@ def delay(rank: int, stages: int) -> int:
     return forward_at(rank, 0) - backward_at(rank, stages, 0)
 
 
+def reuses(rank: int, stages: int, j: int, per_step: int) -> bool:
+    """Whether `rank`'s parameters are the same at the B of micro-batch j as at its F: no optimizer step
+    falls between them (a step follows the B of micro-batch i when (i + 1) % M == 0; at tick t F comes
+    before B and S, so the steps between are those of i in [j - d, j - 1], d the rank's delay). Then B
+    may back-propagate through F's own graph instead of recomputing the forward: the same numbers.
+    Steps of an earlier epoch precede every F of this one."""
+    d = delay(rank, stages)
+    return not any((i + 1) % per_step == 0 for i in range(max(j - d, 0), j))
+
+
+def recompute_share(rank: int, stages: int, per_step: int) -> float:
+    """The long-run share of micro-batches whose B recomputes the forward on a non-last `rank` when F's
+    graph is kept where reuses() allows: the d of every M whose window holds a step, min(1, d / M)."""
+    return min(1.0, delay(rank, stages) / per_step)
+
+
 def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
     """The actions of `rank` (of `stages`) at `tick` in an epoch of n micro-batches, per_step (M) of them
     per optimizer step: a step follows the B of micro-batch j when (j + 1) % M == 0, and after the

@@ -13,7 +13,8 @@ import torch
 
 from .pipeline_step import MicroBatch
 
-FIELDS = [f.name for f in dataclasses.fields(MicroBatch)]
+# F's kept graph is not state: a thawed B recomputes the forward (the same numbers)
+FIELDS = [f.name for f in dataclasses.fields(MicroBatch) if f.name != "kept"]
 
 
 def freeze(eng, ep, tick: int) -> dict:

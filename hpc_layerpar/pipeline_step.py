@@ -18,7 +18,8 @@ class MicroBatch:
     (ranks k >= 1); p: the adjoint of the outgoing boundary, anchor: what the downstream rank received
     (ranks k < K-1, B only); m: the AL multipliers of the outgoing boundary (or None); scale: the global
     batch's samples over this micro-batch's (M for a full batch; None: M), so that a short
-    micro-batch of a partial last batch weighs by its samples."""
+    micro-batch of a partial last batch weighs by its samples. kept: (D(u), leaf) with F's graph, when
+    F kept it for B (the stage's parameters will not move in between: pipeline_plan.reuses)."""
     ids: torch.Tensor | None = None
     off: torch.Tensor | None = None
     flip: torch.Tensor | None = None
@@ -27,6 +28,7 @@ class MicroBatch:
     anchor: torch.Tensor | None = None
     m: torch.Tensor | None = None
     scale: float | None = None
+    kept: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.ids) if self.a is None else len(self.a)
@@ -79,25 +81,35 @@ class StageStep:
         leaf = mb.a.detach().requires_grad_(grad)
         return self.stage.filter.up(leaf), leaf
 
-    @torch.no_grad()
-    def forward(self, mb: MicroBatch) -> torch.Tensor:
-        """F: the message D(Phi_k(U(a))) this stage sends downstream (no gradients)."""
-        return self.stage.filter.down(self.stage(self.input(mb, False)[0]))
+    def forward(self, mb: MicroBatch, keep: bool = False) -> torch.Tensor:
+        """F: the message D(Phi_k(U(a))) this stage sends downstream. keep: build the graph and keep it
+        in mb.kept for B, which then needs no recompute (only when the parameters stay as they are
+        until B: the graph holds them as F saw them); otherwise no gradients."""
+        with torch.set_grad_enabled(keep):
+            x, leaf = self.input(mb, keep)
+            d = self.stage.filter.down(self.stage(x))
+        if keep:
+            mb.kept = (d, leaf)
+        return d.detach()
 
-    def objective(self, mb: MicroBatch, beta) -> Objective:
+    def objective(self, mb: MicroBatch, beta, kept: bool = False) -> Objective:
         """The local objective of s.3 on one micro-batch: cross-entropy on the last rank; elsewhere
         (1/n) sum_i <p_i, d_i> + (beta/2N) ||d_i - anchor_i||^2 (+ (1/n) <m_i, d_i - anchor_i> for AL),
         d = D(u') recomputed at the current parameters, N = numel(d_i): the penalty towards the
         prox-linear target anchor - (N/beta) p. beta: a float, or on the graph path a device scalar
         holding the coefficient 0.5 beta / N (filled per epoch from the same host value, so it rounds
-        as the float does)."""
-        x, leaf = self.input(mb, True)
-        if self.stage.last:
-            u = self.stage(x)
-            y = self.data.train_y[mb.ids.to(self.data.device)]
-            return Objective(F.cross_entropy(u, y), None, (u.detach().argmax(1) == y).sum(), leaf)
-        with NoRunningStats(self.stage.modules):
-            d = self.stage.filter.down(self.stage(x))
+        as the float does). kept: take D(u') from F's kept graph (mb.kept, used once) instead of
+        recomputing it: the same value when the parameters have not moved since F."""
+        if kept and mb.kept is not None:
+            (d, leaf), mb.kept = mb.kept, None
+        else:
+            x, leaf = self.input(mb, True)
+            if self.stage.last:
+                u = self.stage(x)
+                y = self.data.train_y[mb.ids.to(self.data.device)]
+                return Objective(F.cross_entropy(u, y), None, (u.detach().argmax(1) == y).sum(), leaf)
+            with NoRunningStats(self.stage.modules):
+                d = self.stage.filter.down(self.stage(x))
         n = len(d)
         diff = d - mb.anchor
         loss = (mb.p * d).sum() / n
@@ -110,12 +122,12 @@ class StageStep:
             loss = loss + (mb.m * diff).sum() / n
         return Objective(loss, diff, None, leaf)
 
-    def backward(self, mb: MicroBatch, beta):
+    def backward(self, mb: MicroBatch, beta, kept: bool = False):
         """B: the objective back-propagated into the stage's gradients (a global batch's mean: the step
         adds its micro-batches, each weighted by its share of the batch's samples), its figures added to
-        the epoch sums. Returns (the adjoint p = |mu| dL/da of this micro-batch's own objective L, or None
-        on rank 0; d - anchor or None)."""
-        ob = self.objective(mb, beta)
+        the epoch sums. kept: through F's kept graph (see objective). Returns (the adjoint p = |mu| dL/da
+        of this micro-batch's own objective L, or None on rank 0; d - anchor or None)."""
+        ob = self.objective(mb, beta, kept)
         n = len(mb)
         scale = self.M if mb.scale is None else mb.scale
         (ob.loss / scale).backward()

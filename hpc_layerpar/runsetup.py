@@ -13,7 +13,8 @@ from .costs import measure_costs, parse_cuts
 from .errors import ConfigError, UserError
 from .filters import DSFilter, check_boundaries, divides
 from .models import smallest_map
-from .partition import balanced_partition, role_costs
+from .partition import balanced_partition, role_costs, upstream_costs
+from .pipeline_plan import recompute_share
 from .schedule import least_micro, micro_batches, micro_candidates, timed_micro
 
 if TYPE_CHECKING:  # annotations only: importing comm here at run time is not needed
@@ -147,9 +148,26 @@ def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs
     return timed_micro(per, pcfg.micro_overhead, least_micro(cands, stages, pcfg.micro_max_delay)), per
 
 
-def _role_split(costs, forward, k: int, starts=None) -> list:
-    upstream, last = role_costs(costs, forward)
-    return balanced_partition(upstream, k, last, starts)
+def recompute_shares(pcfg, stages: int, micro: int, captured: bool) -> list | None:
+    """Per non-last stage, the share of its micro-batches whose B recomputes the forward: those whose
+    parameters move between F and B when F's graph is kept (parallel.keep_forward, eager steps only:
+    captured ones always recompute), else all. None: all of them on every stage."""
+    if not pcfg.keep_forward or captured:
+        return None
+    shares = [recompute_share(k, stages, micro) for k in range(stages - 1)]
+    return None if all(s == 1.0 for s in shares) else shares
+
+
+def role_split_costs(costs, forward, k: int, shares=None) -> tuple:
+    """(upstream, last): each non-last stage's element costs in its role (k-1 lists, by `shares`, the
+    part of its micro-batches that recompute the forward: all without) and the last stage's."""
+    upstream = upstream_costs(costs, forward, [1.0] * (k - 1) if shares is None else shares)
+    return upstream, role_costs(costs, forward)[1]
+
+
+def _role_split(costs, forward, k: int, starts=None, shares=None) -> list:
+    upstream, last = role_split_costs(costs, forward, k, shares)
+    return balanced_partition(last, k, last, starts, upstream=upstream)
 
 
 def ds_starts(model, ds: int):
@@ -159,13 +177,14 @@ def ds_starts(model, ds: int):
     return None if len(ok) == len(model) - 1 else ok
 
 
-def stage_ranges(model, k: int, pcfg, costs, forward=None) -> list:
+def stage_ranges(model, k: int, pcfg, costs, forward=None, shares=None) -> list:
     """The contiguous split for k ranks (balanced by each element's cost in its stage's role, with
-    stages starting only where the DS factor divides the activations; or given, then checked)."""
+    stages starting only where the DS factor divides the activations; or given, then checked).
+    shares: recompute_shares."""
     try:
         starts = ds_starts(model, pcfg.ds)
         ranges = parse_cuts(pcfg.partition, len(model), k) or \
-            _role_split(costs, forward, k, starts)
+            _role_split(costs, forward, k, starts, shares)
     except ValueError as exc:  # PartitionError is a ValueError
         why = "" if starts is None else (f" parallel.ds={pcfg.ds} divides the activations only where elements "
                                          f"{starts} start; use a smaller parallel.ds or fewer ranks.")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .partition import balanced_partition, role_costs, stage_costs
+from .partition import balanced_partition, role_costs, stage_costs, upstream_costs
+from .pipeline_plan import recompute_share
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Model:
 
 
 def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4, micro: int = 4,
-                  steps_per_epoch: int = 390, micro_seconds=None, micro_forward=None) -> tuple[float, list]:
+                  steps_per_epoch: int = 390, micro_seconds=None, micro_forward=None,
+                  keep: bool = False) -> tuple[float, list]:
     """(seconds per step of the parallel phase at K = k, the split used). The pipeline's
     non-last stages compute their forward twice, M micro-batches per step, and every epoch fills and
     drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps.
@@ -65,16 +67,19 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
     micro_seconds: per-element forward + backward seconds of one micro-batch (batch / micro samples)
     as measured on the device, micro_forward the forward alone (None: a third); a step is then micro
     of them. Without it, compute is taken as linear in the batch (element_seconds / micro per
-    micro-batch): true on CPUs, not on a GPU, where 4 micro-batches of 32 cost 2.4 x one of 128."""
+    micro-batch): true on CPUs, not on a GPU, where 4 micro-batches of 32 cost 2.4 x one of 128.
+    keep: B goes through F's kept graph where it may (parallel.keep_forward on eager steps; captured
+    CUDA-graph steps recompute): a stage recomputes only pipeline_plan.recompute_share of its forwards."""
     if micro_seconds is None:
         us, fwd, reps = [max(1, int(t * 1e6)) for t in m.element_seconds], None, 1
     else:
         us, reps = [max(1, int(t * 1e6)) for t in micro_seconds], micro
         fwd = None if micro_forward is None else [max(1, int(t * 1e6)) for t in micro_forward]
     # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
-    up, last = role_costs(us, fwd)
-    ranges = balanced_partition(up, k, last)
-    comp = [reps * c / 1e6 for c in stage_costs(up, ranges, last)]  # the recompute counted upstream
+    shares = [recompute_share(s, k, micro) if keep else 1.0 for s in range(k - 1)]
+    up, last = upstream_costs(us, fwd, shares), role_costs(us, fwd)[1]
+    ranges = balanced_partition(last, k, last, upstream=up)
+    comp = [reps * c / 1e6 for c in stage_costs(last, ranges, last, up)]  # the recompute counted upstream
     worst = 0.0
     for s, (a, b) in enumerate(ranges):
         out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0

@@ -21,10 +21,10 @@ from .config import Config
 from .context import RunContext, build_context
 from .evaluate import evaluate, recalibrate_bn
 from .models import count_parameters
-from .partition import role_costs, stage_costs
+from .partition import stage_costs
 from .pipeline import PipelineEngine
 from .progress import Progress, epoch_line
-from .runsetup import aux_bytes
+from .runsetup import aux_bytes, role_split_costs
 from .schedule import PARALLEL, EpochStep, beta_for_epoch, epoch_plan
 from .stages import share_stages
 from .stats import PhaseStats
@@ -82,8 +82,8 @@ class _Loop:
 
 def _stage_costs(ctx: RunContext) -> list:
     """Each stage's cost in its role in the parallel phase (what the split balanced)."""
-    upstream, last = role_costs(ctx.costs, ctx.fwd_costs)
-    return stage_costs(upstream, ctx.ranges, last)
+    upstream, last = role_split_costs(ctx.costs, ctx.fwd_costs, len(ctx.ranges), ctx.shares)
+    return stage_costs(last, ctx.ranges, last, upstream)
 
 
 def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:

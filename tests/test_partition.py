@@ -1,9 +1,10 @@
 import itertools
+import json
 
 import pytest
 
 from hpc_layerpar.models import build_model
-from hpc_layerpar.partition import PartitionError, balanced_partition, role_costs, stage_costs
+from hpc_layerpar.partition import PartitionError, balanced_partition, role_costs, stage_costs, upstream_costs
 
 
 def brute_force_best(costs, k):
@@ -114,3 +115,81 @@ def test_ds2_split_avoids_7x7_boundaries_on_28x28_images():
     ranges = stage_ranges(m, 4, ParallelConfig(partition="time", ds=2), costs)
     assert all(m.shapes[a][1] % 2 == 0 for a, _ in ranges[1:])
     assert ranges[0][0] == 0 and ranges[-1][1] == len(m)
+
+
+def brute_force_per_stage(per, last, k, starts):
+    """The smallest largest stage cost over all cuts at `starts`, stage s < k-1 costed by per[s]."""
+    best = None
+    for cuts in itertools.combinations(sorted(starts), k - 1):
+        b = (0,) + cuts + (len(last),)
+        worst = max([sum(per[i][b[i]:b[i + 1]]) for i in range(k - 1)] + [sum(last[b[k - 1]:])])
+        best = worst if best is None else min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize("costs", [[5, 1, 1, 1, 9, 2, 2, 7], [1] * 9, [10, 1, 1, 1, 1, 1, 1, 30],
+                                   [3, 8, 2, 2, 8, 1, 6], [0, 0, 5, 0, 0]])
+def test_per_stage_costs_optimal_against_brute_force(costs):
+    """A stage that keeps F's graph for part of its micro-batches recomputes fewer forwards: its
+    elements cost less than another non-last stage's. The split is still the optimum, free or over
+    allowed starts, and the stage costs are each stage's own."""
+    n = len(costs)
+    fb = [3 * c for c in costs]
+    for k in range(2, min(n, 5) + 1):
+        shares = [1.0 - s / (k - 1) for s in range(k - 1)]  # 1, ..., decreasing towards the end
+        per = upstream_costs(fb, costs, shares)
+        last = role_costs(fb, costs)[1]
+        assert per[0] == role_costs(fb, costs)[0]  # share 1: F's forward on top of B's
+        for starts in (list(range(1, n)), sorted({1, 3, 4, n - 1})):
+            if len(starts) < k - 1:
+                continue
+            ranges = balanced_partition(last, k, last, starts, upstream=per)
+            assert {a for a, _ in ranges[1:]} <= set(starts)
+            assert max(stage_costs(last, ranges, last, per)) == brute_force_per_stage(per, last, k, starts)
+        free = balanced_partition(last, k, last, upstream=per)
+        assert max(stage_costs(last, free, last, per)) == brute_force_per_stage(per, last, k, range(1, n))
+    with pytest.raises(PartitionError, match="upstream costs"):
+        balanced_partition(fb, 3, fb, upstream=[fb])
+
+
+def test_a_lighter_stage_0_takes_more_elements():
+    """K = 2, M = 4 (stage 0 recomputes half its micro-batches): equal elements of forward 1 and
+    forward + backward 3 cost 3.5 on stage 0 instead of 4, and 3 on the last: 8 of 17 upstream, not 7."""
+    fb, fwd = [3] * 17, [1] * 17
+    up, last = role_costs(fb, fwd)
+    assert balanced_partition(up, 2, last) == [(0, 7), (7, 17)]  # 28 against 30 (8: 32 against 27)
+    per = upstream_costs([6] * 17, [2] * 17, [0.5])  # integer costs: doubled
+    assert per == [[7] * 17]
+    assert balanced_partition([6] * 17, 2, [6] * 17, upstream=per) == [(0, 8), (8, 17)]  # 56 against 54
+
+
+def test_a_run_splits_by_the_forwards_its_stages_recompute(tmp_path):
+    """The run's split and its recorded stage costs count, per stage, the forwards B recomputes: at
+    K = 2 and M = 4 stage 0 keeps F's graph for half its micro-batches, so its elements cost
+    forward + backward + half a forward (parallel.keep_forward=false: a whole forward)."""
+    from hpc_layerpar.config import resolve
+    from hpc_layerpar.metrics import read_metrics
+    from hpc_layerpar.runsetup import recompute_shares
+    from hpc_layerpar.train import run
+
+    from conftest import make_dataset
+
+    data = make_dataset(tmp_path / "d.h5", n_train=128, n_test=32, size=28, classes=4)
+    assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 2, 4, captured=False) == [0.5]
+    assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 2, 4, captured=True) is None
+    assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 4, 1, captured=False) is None
+    attrs = {}
+    for keep in ("true", "false"):
+        cfg = resolve("mnist-resnet-penalty", sets=[
+            f"data.path={data}", "data.batch_size=64", "model.depth=8", "model.base_width=4", "train.phases=penalty:1",
+            "optim.warmup_epochs=0", "parallel.partition=macs", "parallel.simulate=2", "parallel.micro_batches=4",
+            "run.threads=1", "run.device=cpu", f"run.out_dir={tmp_path}/runs", f"run.name={keep}",
+            f"parallel.keep_forward={keep}"])
+        attrs[keep] = read_metrics(run(cfg, quiet=True).metrics_path)["attrs"]
+    for keep, share in (("true", 0.5), ("false", 1.0)):
+        fb, fwd = json.loads(attrs[keep]["element_costs"]), json.loads(attrs[keep]["element_forward_costs"])
+        assert fb == [3 * c for c in fwd]  # partition=macs
+        ranges = [tuple(r) for r in json.loads(attrs[keep]["stage_ranges"])]
+        per = upstream_costs(fb, fwd, [share])
+        assert ranges == balanced_partition(fb, 2, fb, upstream=per), keep
+        assert json.loads(attrs[keep]["stage_costs"]) == stage_costs(fb, ranges, fb, per), keep

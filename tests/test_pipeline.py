@@ -14,6 +14,7 @@ from hpc_layerpar.filters import DSFilter
 from hpc_layerpar.models import build_model
 from hpc_layerpar.partition import balanced_partition
 from hpc_layerpar.pipeline import PipelineEngine
+from hpc_layerpar.pipeline_plan import reuses
 from hpc_layerpar.serial import SerialEngine, make_optimizer
 from hpc_layerpar.simulate import run_simulated
 
@@ -277,6 +278,41 @@ def test_stage_objective_is_the_penalty_towards_the_prox_linear_target(tiny_data
     true = torch.autograd.grad(0.5 * beta / N * (d - target).pow(2).sum() / n, stage.params)
     err = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(got, true))
     assert err < 1e-4, f"{method}: the stage objective's gradient is {err:.2e} (relative) from the penalty's"
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_keeping_the_forward_changes_no_number(world, tiny_data, method):
+    _kept_forward_is_exact(world, tiny_data, method)
+
+
+@pytest.mark.parametrize("K", IN_PROCESS)
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_keeping_the_forward_changes_no_number_in_process(tiny_data, K, method):
+    run_simulated(K, lambda comm: _kept_forward_is_exact(comm, tiny_data, method))
+
+
+def _kept_forward_is_exact(world, tiny_data, method):
+    """parallel.keep_forward: where no optimizer step falls between a micro-batch's F and B, B goes
+    through F's graph instead of recomputing the forward. The parameters are the ones F used, so
+    every number is the recompute's: the stages and AL multipliers after two epochs are bitwise those
+    of keep_forward=false, and the micro-batches that skipped the recompute are the plan's."""
+    data = DeviceDataset(tiny_data, DEVICE)
+    ranges = balanced_partition(make_model().costs, world.size)
+    runs = {}
+    for keep in (True, False):
+        model, eng, _ = run_engine(world, data, ranges, ParallelConfig(micro_batches=4, keep_forward=keep), method)
+        runs[keep] = (model, eng)
+    (m1, e1), (m0, e0) = runs[True], runs[False]
+    a, b = ranges[world.rank]
+    same = all(torch.equal(p, q) for el1, el0 in zip(m1.elements[a:b], m0.elements[a:b])
+               for p, q in zip(el1.parameters(), el0.parameters()))
+    same = same and (e1.store is None or torch.equal(e1.store.a, e0.store.a))
+    n = len(e1.micro_batches(EPOCHS - 1))
+    want = 0 if e1.last else sum(reuses(world.rank, world.size, j, 4) for j in range(n))
+    assert_all(world, same, f"rank {world.rank}: keeping the forward changed the stage")
+    assert_all(world, e1.kept == want and e0.kept == 0, f"rank {world.rank}: kept {e1.kept}, plan {want}")
+    assert_all(world, world.rank != world.size - 2 or e1.kept > 0, "the rank before the last keeps forwards")
 
 
 @pytest.mark.mpi

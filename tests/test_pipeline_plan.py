@@ -1,7 +1,7 @@
 """The pipeline's tick plan (pipeline_plan.py), checked as data without processes, up to K = 64."""
 import pytest
 
-from hpc_layerpar.pipeline_plan import ACTIVATIONS, ADJOINTS, delay, plan, render, ticks
+from hpc_layerpar.pipeline_plan import ACTIVATIONS, ADJOINTS, delay, plan, recompute_share, render, reuses, ticks
 
 from conftest import run_cli
 
@@ -117,3 +117,25 @@ def test_checks_fall_on_the_same_ticks_of_every_rank_and_not_on_the_last(K, n, M
     for row_c, row in zip(with_c, without):
         assert [[a for a in acts if a.kind != "C"] for acts in row_c] == row
         assert all(acts[-1].kind == "C" for acts in row_c if any(a.kind == "C" for a in acts))
+
+
+@pytest.mark.parametrize("K,M", [(K, M) for K in (1, 2, 3, 4, 8) for M in (1, 2, 3, 4, 8)])
+def test_reuse_exactly_where_no_step_falls_between_f_and_b(K, M):
+    """Walk each rank's plan counting its optimizer steps: B of micro-batch j may use F's graph iff
+    the count at its B equals the count at its F. Over a long epoch the rest, the micro-batches that
+    recompute, approach recompute_share (d of every M)."""
+    n = 40 * M + 1  # with a partial last batch
+    for k, row in enumerate(plan(K, n, M)):
+        steps, at_f, same = 0, {}, {}
+        for acts in row:
+            for a in acts:
+                if a.kind == "F":
+                    at_f[a.mb] = steps
+                elif a.kind == "B":
+                    same[a.mb] = at_f.pop(a.mb) == steps
+                elif a.kind == "S":
+                    steps += 1
+        assert [reuses(k, K, j, M) for j in range(n)] == [same[j] for j in range(n)], (k, K, M)
+        recompute = sum(not same[j] for j in range(n)) / n
+        assert abs(recompute - (recompute_share(k, K, M) if k < K - 1 else 0.0)) <= 2 * M / n
+    assert recompute_share(0, 2, 4) == 0.5 and recompute_share(0, 4, 4) == 1.0 and recompute_share(2, 4, 4) == 0.5

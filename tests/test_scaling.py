@@ -60,3 +60,14 @@ def test_the_model_at_one_micro_batch_per_step(k, micro, label):
     rec, model, split = _h100()
     measured = rec["stages"][f"{k}/{label}"]["projected"]["nvlink"][0]
     assert abs(_predicted(model, split, k, micro) / measured - 1) < 0.20
+
+
+def test_kept_forwards_lighten_the_stages_that_keep_them():
+    """With parallel.keep_forward (eager steps) stage k recomputes min(1, 2(K-1-k)/M) of its forwards:
+    at K = 2, M = 4 stage 0 half of them, so the model's rho rises, and at M = 1 (no micro-batch keeps
+    its forward upstream) it is unchanged. The H100 rows above ran captured graphs: keep=False."""
+    _, model, _ = _h100()
+    net = S.PRESETS["nvlink"]
+    assert S.rho_parallel(model, 2, net, micro=4, keep=True) > 1.04 * S.rho_parallel(model, 2, net, micro=4)
+    assert S.rho_parallel(model, 2, net, micro=1, keep=True) == S.rho_parallel(model, 2, net, micro=1)
+    assert S.rho_parallel(model, 4, net, micro=4, keep=True) >= S.rho_parallel(model, 4, net, micro=4)
