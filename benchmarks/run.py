@@ -59,10 +59,11 @@ def dataset(samples):
 
 
 def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1, message_dtype="float32",
-           micro=0):
+           micro=0, keep=True):
     """One configuration as a training run on `ranks` ranks through the CLI; its figures, from the
     metrics file: best timed epoch (epoch 0 is the warm-up), bytes and waiting of the busiest rank.
-    micro: the pipeline's micro-batch count (parallel.micro_batches; 0: the automatic one)."""
+    micro: the pipeline's micro-batch count (parallel.micro_batches; 0: the automatic one).
+    keep: parallel.keep_forward (false: every upstream forward is recomputed at B, the engine before b3f3073)."""
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(mpiexec):
         mpiexec = os.environ.get("MPIEXEC", "mpiexec")
@@ -77,6 +78,8 @@ def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1,
                 f"run.out_dir={out}", f"run.name={name}"]
         if micro:
             sets.append(f"parallel.micro_batches={micro}")
+        if not keep:
+            sets.append("parallel.keep_forward=false")
         cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train"] + \
             [x for s in sets for x in ("--set", s)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
@@ -180,6 +183,7 @@ def main():
         for method in a.methods.split(","):
             runs += [(f"{method} K=1", 1, {"method": method}),
                      (method, a.ranks, {"method": method, "ds": 1}),
+                     (f"{method} F recomputed", a.ranks, {"method": method, "keep": False}),
                      (f"{method} M=1", a.ranks, {"method": method, "micro": 1}),
                      (f"{method} DS s=2", a.ranks, {"method": method, "ds": 2}),
                      (f"{method} bf16 messages", a.ranks, {"method": method, "message_dtype": "bfloat16"})]
