@@ -186,6 +186,12 @@ class Comm:
         self.mpi.Allreduce(MPI.IN_PLACE, arr, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
         return arr
 
+    def iallreduce_array(self, values, op="sum"):
+        """allreduce_array without waiting (MPI_Iallreduce): a request whose wait() returns the array."""
+        arr = np.ascontiguousarray(np.asarray(values, dtype=np.float64)).copy()
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, arr, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
+        return _Reduction(req, arr)
+
     def bcast_(self, t: torch.Tensor, root: int, key="bcast") -> torch.Tensor:
         """Broadcast the contiguous tensor t from root in place; its bytes count as sent on root, received elsewhere."""
         _flush(block=True)
@@ -250,6 +256,20 @@ class Topology:
         for c in (self.pipe, self.reps):
             if c is not None and c is not self.world:
                 c.free()
+
+
+class _Reduction:
+    """An MPI_Iallreduce in flight: wait() completes it and returns its array."""
+
+    def __init__(self, req, arr):
+        self.req, self.arr = req, arr
+
+    def wait(self):
+        if self.req is not None:
+            _flush(block=True)  # never block in MPI with a staged send of this rank unposted
+            self.req.Wait()
+            self.req = None
+        return self.arr
 
 
 def detect_cuda_aware() -> bool:

@@ -129,6 +129,10 @@ class Communicator(Protocol):
         """Collective: element-wise sum (op "max", "min") of values over the ranks, a new float64 array;
         not counted."""
 
+    def iallreduce_array(self, values, op: str = "sum") -> Any:
+        """Collective, non-blocking: allreduce_array started now; returns a request whose wait() returns
+        the array; every rank must wait() it (collectives started in between are allowed, as in MPI)."""
+
     def bcast_(self, t: torch.Tensor, root: int, key: Any = "bcast") -> torch.Tensor:
         """Collective: copy root's contiguous tensor t into t on every rank and return it; key names the
         staging buffer; count_bcast(t, rank, root, size)."""

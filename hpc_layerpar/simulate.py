@@ -57,6 +57,18 @@ class _Done:
         pass
 
 
+class _Reduction:
+    """A non-blocking reduction of small arrays: wait() returns its result (computed once)."""
+
+    def __init__(self, finish):
+        self.finish, self.result = finish, None
+
+    def wait(self):
+        if self.result is None:
+            self.result = self.finish()
+        return self.result
+
+
 class _Recv:
     """A posted receive, matched in posting order as MPI does."""
 
@@ -146,6 +158,10 @@ class ThreadComm:
     # ---- collectives ---------------------------------------------------------------------
     def _exchange(self, value) -> list:
         """Every member contributes a value and gets all of them, in rank order."""
+        return self._collect(self._deposit(value))
+
+    def _deposit(self, value) -> int:
+        """Contribute value to the next collective without waiting; its sequence number for _collect."""
         hub = self.hub
         seq = self._seq
         self._seq += 1
@@ -154,6 +170,13 @@ class ThreadComm:
             slot["values"][self.rank] = value
             slot["in"] += 1
             hub.cond.notify_all()
+        return seq
+
+    def _collect(self, seq: int) -> list:
+        """Every member's value of collective seq, in rank order, once all have contributed."""
+        hub = self.hub
+        with hub.cond:
+            slot = hub.slots[seq]
             while slot["in"] < self.size:
                 hub.wait()
             out = list(slot["values"])
@@ -179,6 +202,12 @@ class ThreadComm:
         parts = self._exchange(np.asarray(values, dtype=np.float64).copy())
         fn = {"sum": np.sum, "max": np.max, "min": np.min}[op]
         return fn(np.stack(parts), axis=0)
+
+    def iallreduce_array(self, values, op="sum"):
+        """allreduce_array without waiting: a request whose wait() returns the array."""
+        seq = self._deposit(np.asarray(values, dtype=np.float64).copy())
+        fn = {"sum": np.sum, "max": np.max, "min": np.min}[op]
+        return _Reduction(lambda: fn(np.stack(self._collect(seq)), axis=0))
 
     def bcast_(self, t: torch.Tensor, root: int, key="bcast") -> torch.Tensor:
         """Copy root's t into every virtual rank's t; bytes count as sent on root, received elsewhere."""

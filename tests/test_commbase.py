@@ -16,7 +16,7 @@ from hpc_layerpar.simulate import ThreadComm, run_simulated
 # decision, so it has to change this list too
 ENGINE_MEMBERS = {
     "rank", "size", "local_rank", "local_size", "cuda_aware", "counters",
-    "isend", "irecv", "neighbours", "split", "allreduce_", "allreduce_array", "bcast_", "bcast_obj",
+    "isend", "irecv", "neighbours", "split", "allreduce_", "allreduce_array", "iallreduce_array", "bcast_", "bcast_obj",
     "allgather_obj", "gather_obj", "barrier", "free",
 }
 PROTOCOL_METHODS = sorted(n for n, v in vars(Communicator).items()
@@ -92,3 +92,30 @@ def test_counters_are_still_importable_from_comm():
     from hpc_layerpar import comm, commbase, simulate
 
     assert comm.Counters is commbase.Counters and simulate.Counters is commbase.Counters
+
+
+def _nonblocking_reduction(comm):
+    """Two reductions in flight at once, a blocking collective between their start and their wait (the
+    deferred in-epoch check of the 1f1b schedule does this): each returns the max, sum or min of its
+    own values, and a second wait() returns the same array."""
+    r = comm.rank
+    first = comm.iallreduce_array([r, -r], "max")
+    second = comm.iallreduce_array([1.0, r], "sum")
+    total = comm.allreduce_array([2.0], "sum")
+    a, b = second.wait(), first.wait()
+    low = comm.iallreduce_array([r + 3.0], "min").wait()
+    n = comm.size
+    return (list(b) == [n - 1, 0] and list(a) == [n, n * (n - 1) / 2] and list(total) == [2.0 * n]
+            and list(low) == [3.0] and first.wait() is b)
+
+
+@pytest.mark.mpi
+def test_nonblocking_reduction(world):
+    from conftest import assert_all
+
+    assert_all(world, _nonblocking_reduction(world), "iallreduce_array")
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4])
+def test_nonblocking_reduction_in_process(size):
+    assert run_simulated(size, _nonblocking_reduction) == [True] * size
