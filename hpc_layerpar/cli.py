@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--micro", type=int, required=True, metavar="M", help="micro-batches per optimizer step")
     pl.add_argument("--steps", type=int, default=2, help="optimizer steps in the epoch shown (default 2)")
     pl.add_argument("--messages", action="store_true", help="show the sends and receives too")
+    pl.add_argument("--schedule", default="tick", choices=("tick", "1f1b"),
+                    help="parallel.schedule: tick (default) or 1f1b (the adjoint travels within the tick)")
     sm = sub.add_parser("summary", help="one line per metrics file: accuracy, time, traffic")
     sm.add_argument("files", nargs="+", metavar="RUN.h5")
     return p
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
             if getattr(args, name) < 1:
                 return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
         if world_rank() == 0:
-            print(render(args.ranks, args.micro * args.steps, args.micro, messages=args.messages))
+            print(render(args.ranks, args.micro * args.steps, args.micro, messages=args.messages,
+                         schedule=args.schedule))
         return 0
     if args.command == "summary":
         from .metrics import MetricsError

@@ -25,7 +25,7 @@ from .filters import DSFilter
 from .graphs import GraphCache
 from .models import smallest_map
 from .pipeline_graphs import PipelineGraphs
-from .pipeline_plan import ACTIVATIONS, rank_plan, reuses
+from .pipeline_plan import ACTIVATIONS, rank_plan, reuses, sent_before
 from .pipeline_state import freeze, thaw
 from .pipeline_step import MicroBatch, NoRunningStats, StageStep
 from .schedule import micro_batches
@@ -59,6 +59,7 @@ class PipelineEngine:
         self.stage = Stage(model, ranges, comm.rank, DSFilter.of(pcfg), optimizer, self.device, replicas)
         self.M = micro_batches(pcfg, batch_size, smallest_map(model), comm.size)
         self.check_ticks = check_every * self.M
+        self.schedule = pcfg.schedule
         self.sub_batch = batch_size // replicas
         self.micro = self.sub_batch // self.M
         self.msg_dtype = DTYPES[pcfg.message_dtype]
@@ -192,14 +193,25 @@ class PipelineEngine:
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
         do = {"recv": self._recv, "send": self._send, "F": self._forward, "B": self._backward, "S": self._step}
-        ticks = rank_plan(self.stage.k, self.stage.K, nm, self.M, self.check_ticks)
-        halted = None
+        ticks = rank_plan(self.stage.k, self.stage.K, nm, self.M, self.check_ticks, self.schedule)
+        halted = pending = None  # pending: 1f1b's check in flight, (the tick it is decided at, its reduction)
+        last = len(ticks) - 1
         for t in range(start, len(ticks)):
+            check = False
             for a in ticks[t]:
                 if a.kind == "C":
-                    halted = self._check(ep, ticks, t)
-                elif not (a.kind == "recv" and t == start and resume is not None):  # received before the stop
+                    check = True
+                elif not (t == start and resume is not None and sent_before(a, self.schedule)):  # received at the stop
                     do[a.kind](ep, a)
+            if self.schedule == "tick" and check:
+                halted = self._decide(ep, ticks, t, *G.agree((self.comm, self.replica_comm), *self._flags()))
+            elif pending is not None and (t >= pending[0] or t == last):  # (K = 1: the tick after)
+                flags = pending[1].wait()  # posted K-1 ticks ago: every rank has long reached it
+                pending = None
+                if t < last:  # (at the epoch's last tick its end's check follows anyway)
+                    halted = self._decide(ep, ticks, t, *G.agree((self.replica_comm,), *flags))
+            if check and pending is None and halted is None and self.schedule != "tick":
+                pending = (min(t + self.stage.K - 1, last), self.comm.iallreduce_array(self._flags(), "max"))
             watchdog.beat()
             if halted is not None:
                 break
@@ -214,21 +226,26 @@ class PipelineEngine:
             st.extra.update(halted)
         return st
 
-    def _check(self, ep: "_Epoch", ticks: list, t: int):
-        """C at the end of tick t: every rank says whether it holds a non-finite loss, multiplier,
-        parameter or BatchNorm statistic, and whether a stop was requested; if either, the epoch ends
-        here on every rank: the messages sent at tick t are received (so no send is left unmatched),
-        the receives posted ahead are withdrawn. Returns None to go on, else {"halted": where} or
-        {"preempted": {"where": where, "state": the frozen state}}, where = (micro-batches rank 0
-        has forwarded, the epoch's, unit)."""
+    def _flags(self) -> list:
+        """This rank's part of the in-epoch check C: [whether it holds a non-finite loss, multiplier,
+        parameter or BatchNorm statistic, whether a stop was requested]."""
         st = self.stage
         local = (self.sums.bad < FIRST_BAD_NONE) | (self.sums.acc[self.sums.BAD] > 0) \
             | G.nonfinite(st.params + [b for b in st.buffers() if b.dtype.is_floating_point])
-        bad, stop = G.agree((self.comm, self.replica_comm), local, stop_requested())
+        return [float(local), float(stop_requested())]
+
+    def _decide(self, ep: "_Epoch", ticks: list, t: int, bad: bool, stop: bool):
+        """After the check C, at the end of tick t, all ranks alike: if any rank is bad or was asked to
+        stop, the epoch ends here on every rank: the messages sent at tick t (for tick t+1) are received
+        (no send is left unmatched), the receives posted ahead are withdrawn. On the "tick" schedule C
+        is decided at the tick it is made; on "1f1b" K-1 ticks later (a blocking collective would undo
+        the ranks' stagger: a refill of K-1 backward steps at every check), its reduction in flight
+        meanwhile. Returns None to go on, else {"halted": where} or {"preempted": {"where": where,
+        "state": the frozen state}}, where = (micro-batches rank 0 has forwarded, the epoch's, unit)."""
         if not (bad or stop):
             return None
         for a in ticks[t + 1] if t + 1 < len(ticks) else ():
-            if a.kind == "recv":
+            if sent_before(a, self.schedule):
                 self._recv(ep, a)
         for ch in self.channels.values():
             ch.cancel()
@@ -274,7 +291,7 @@ class PipelineEngine:
         if self.graphs.enabled:
             d = self.graphs.replay("F", ep.dev, j, n, a=aux)[0]
         else:
-            keep = self.keep and reuses(self.stage.k, self.stage.K, j, self.M)
+            keep = self.keep and reuses(self.stage.k, self.stage.K, j, self.M, self.schedule)
             d = self.step.forward(mb, keep=keep)
             if keep:
                 ep.kept_at[j] = ep.updates

@@ -2,20 +2,34 @@
 engine performs, in order. Pure: no tensors, no communicator; the engine walks it and has no tick
 arithmetic of its own, and tests check it without processes at any K.
 
-Tick t, rank k: F(t - k), then B(t - 2(K-1) + k) (the last rank: the same micro-batch, at once).
+Tick t, rank k: F(t - k), then B(t - 2(K-1) + k) (the last rank: the same micro-batch, at once), with
+the default schedule "tick"; with "1f1b" B(t - (K-1)): every rank back-propagates the micro-batch the
+last rank finished at this tick, so the adjoint travels upstream within the tick (as in PipeDream's
+one-forward-one-backward) and stage k's delay halves to K-1-k ticks.
   F j:  recv the auxiliary input of j from k-1 (rank 0: read the images), forward, send D(u) to k+1.
   B j:  recv the adjoint of j from k+1 (the last rank: cross-entropy), backward, send the adjoint to k-1.
   S g:  the optimizer step of global batch g, after the B of its last micro-batch (a partial last
         batch has fewer than M: its step follows the epoch's last B).
   C:    (every `check_every` ticks, the same ticks on every rank) the ranks agree whether to go on:
         a non-finite value anywhere halts the epoch there (run.check_every).
-Every message a rank receives at tick t was sent by its neighbour at tick t-1, so a rank only waits
-for the previous tick of its neighbours; an epoch of n micro-batches takes n + 2(K-1) ticks."""
+"tick": every message a rank receives at tick t was sent by its neighbour at tick t-1, so a rank only
+waits for the previous tick of its neighbours; an epoch of n micro-batches takes n + 2(K-1) ticks.
+"1f1b": activations as before, but the adjoint of tick t comes from rank k+1's B of the same tick (the
+ranks settle into a stagger, each a B behind its downstream neighbour, and a message's latency lies
+on the critical path twice per tick); an epoch takes n + K-1 ticks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 ACTIVATIONS, ADJOINTS = "activations", "adjoints"
+SCHEDULES = ("tick", "1f1b")
+
+
+def _lag(schedule: str) -> int:
+    """Ticks a message of the adjoint channel takes from sender to receiver: 1 ("tick"), 0 ("1f1b")."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown pipeline schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
+    return 1 if schedule == "tick" else 0
 
 
 @dataclass(frozen=True)
@@ -40,9 +54,10 @@ class Action:
         return f"<{c}{self.mb}" if self.kind == "recv" else f"{c}{self.mb}>"
 
 
-def ticks(stages: int, micro_batches: int) -> int:
-    """Ticks of an epoch of `micro_batches` micro-batches at `stages` ranks: the fill and drain are 2(K-1)."""
-    return micro_batches + 2 * (stages - 1) if micro_batches else 0
+def ticks(stages: int, micro_batches: int, schedule: str = "tick") -> int:
+    """Ticks of an epoch of `micro_batches` micro-batches at `stages` ranks: the fill and drain are 2(K-1)
+    ("tick") or K-1 ("1f1b")."""
+    return micro_batches + (1 + _lag(schedule)) * (stages - 1) if micro_batches else 0
 
 
 def forward_at(rank: int, tick: int) -> int:
@@ -50,33 +65,41 @@ def forward_at(rank: int, tick: int) -> int:
     return tick - rank
 
 
-def backward_at(rank: int, stages: int, tick: int) -> int:
+def backward_at(rank: int, stages: int, tick: int, schedule: str = "tick") -> int:
     """The micro-batch rank back-propagates at tick (may be out of range: then nothing)."""
-    return tick - 2 * (stages - 1) + rank
+    return tick - (stages - 1) - _lag(schedule) * (stages - 1 - rank)
 
 
-def delay(rank: int, stages: int) -> int:
-    """Ticks from a micro-batch's F to its B on `rank`: 2(K-1-k) (the last rank: 0)."""
-    return forward_at(rank, 0) - backward_at(rank, stages, 0)
+def delay(rank: int, stages: int, schedule: str = "tick") -> int:
+    """Ticks from a micro-batch's F to its B on `rank`: 2(K-1-k) ("tick") or K-1-k ("1f1b"); the last
+    rank: 0."""
+    return forward_at(rank, 0) - backward_at(rank, stages, 0, schedule)
 
 
-def reuses(rank: int, stages: int, j: int, per_step: int) -> bool:
+def sent_before(action: Action, schedule: str = "tick") -> bool:
+    """Whether the message a receive `action` of tick t waits for was sent at tick t-1 (so it can be
+    received at the end of tick t-1, as the in-epoch check and a resumed epoch need): activations
+    always, adjoints only on the "tick" schedule (on "1f1b" they are sent at tick t itself)."""
+    return action.kind == "recv" and (action.channel == ACTIVATIONS or _lag(schedule) == 1)
+
+
+def reuses(rank: int, stages: int, j: int, per_step: int, schedule: str = "tick") -> bool:
     """Whether `rank`'s parameters are the same at the B of micro-batch j as at its F: no optimizer step
     falls between them (a step follows the B of micro-batch i when (i + 1) % M == 0; at tick t F comes
     before B and S, so the steps between are those of i in [j - d, j - 1], d the rank's delay). Then B
     may back-propagate through F's own graph instead of recomputing the forward: the same numbers.
     Steps of an earlier epoch precede every F of this one."""
-    d = delay(rank, stages)
+    d = delay(rank, stages, schedule)
     return not any((i + 1) % per_step == 0 for i in range(max(j - d, 0), j))
 
 
-def recompute_share(rank: int, stages: int, per_step: int) -> float:
+def recompute_share(rank: int, stages: int, per_step: int, schedule: str = "tick") -> float:
     """The long-run share of micro-batches whose B recomputes the forward on a non-last `rank` when F's
     graph is kept where reuses() allows: the d of every M whose window holds a step, min(1, d / M)."""
-    return min(1.0, delay(rank, stages) / per_step)
+    return min(1.0, delay(rank, stages, schedule) / per_step)
 
 
-def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
+def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int, schedule: str = "tick") -> list:
     """The actions of `rank` (of `stages`) at `tick` in an epoch of n micro-batches, per_step (M) of them
     per optimizer step: a step follows the B of micro-batch j when (j + 1) % M == 0, and after the
     epoch's last (a partial last batch of data.drop_last=false has fewer than M)."""
@@ -91,7 +114,7 @@ def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
         out.append(Action("F", jf))
         if not last:
             out.append(Action("send", jf, ACTIVATIONS, rank + 1))
-    jb = backward_at(rank, stages, tick)
+    jb = backward_at(rank, stages, tick, schedule)
     if 0 <= jb < n:
         if not last:
             out.append(Action("recv", jb, ADJOINTS, rank + 1))
@@ -103,37 +126,37 @@ def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int) -> list:
     return out
 
 
-def rank_plan(rank: int, stages: int, n: int, per_step: int, check_every: int = 0) -> list:
+def rank_plan(rank: int, stages: int, n: int, per_step: int, check_every: int = 0, schedule: str = "tick") -> list:
     """Every tick of one rank's epoch: a list (per tick) of lists of Actions. check_every > 0: a check
     C ends every tick t with (t + 1) % check_every == 0, but the last (the epoch's end checks anyway)."""
     if per_step < 1:
         raise ValueError(f"micro-batches per step must be >= 1, got {per_step}")
-    nt = ticks(stages, n)
-    out = [rank_tick(rank, stages, t, n, per_step) for t in range(nt)]
+    nt = ticks(stages, n, schedule)
+    out = [rank_tick(rank, stages, t, n, per_step, schedule) for t in range(nt)]
     if check_every > 0:
         for t in range(check_every - 1, nt - 1, check_every):
             out[t].append(Action("C", -1))
     return out
 
 
-def plan(stages: int, n: int, per_step: int, check_every: int = 0) -> list:
+def plan(stages: int, n: int, per_step: int, check_every: int = 0, schedule: str = "tick") -> list:
     """plan[k][t]: the actions of rank k at tick t, for an epoch of n micro-batches."""
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
-    return [rank_plan(k, stages, n, per_step, check_every) for k in range(stages)]
+    return [rank_plan(k, stages, n, per_step, check_every, schedule) for k in range(stages)]
 
 
-def render(stages: int, n: int, per_step: int, messages: bool = False) -> str:
+def render(stages: int, n: int, per_step: int, messages: bool = False, schedule: str = "tick") -> str:
     """The plan as a grid a person can read: a row per rank, a column per tick; compute actions only
     unless messages (then received <, sent >, on the activations 'ac' and adjoints 'ad' channels)."""
-    grid = plan(stages, n, per_step)
+    grid = plan(stages, n, per_step, schedule=schedule)
     cells = [[" ".join(a.label() for a in acts if messages or a.kind in ("F", "B", "S")) or "."
               for acts in row] for row in grid]
-    nt = ticks(stages, n)
+    nt = ticks(stages, n, schedule)
     width = max([len(c) for row in cells for c in row] + [len(str(max(nt - 1, 0)))])
     head = "tick    " + " ".join(f"{t:>{width}d}" for t in range(nt))
-    lines = [f"K = {stages} ranks, {n} micro-batches, M = {per_step} per optimizer step: {nt} ticks "
-             f"(fill and drain 2(K-1) = {2 * (stages - 1)})", head]
+    lines = [f"K = {stages} ranks, {n} micro-batches, M = {per_step} per optimizer step, schedule {schedule}: "
+             f"{nt} ticks (fill and drain {nt - n})", head]
     for k, row in enumerate(cells):
         lines.append(f"rank {k:<3d}" + " ".join(f"{c:>{width}s}" for c in row))
     return "\n".join(lines)

@@ -29,7 +29,7 @@ def freeze(eng, ep, tick: int) -> dict:
 
     sums = eng.sums
     return {
-        "where": [ep.epoch, eng.stage.k, eng.stage.K, eng.M, len(ep.mbs)],
+        "where": [ep.epoch, eng.stage.k, eng.stage.K, eng.M, len(ep.mbs), eng.schedule],
         "tick": tick, "updates": ep.updates,
         "inflight": [[j, ref(mb)] for j, mb in ep.inflight.items()],
         "probe_mbs": [ref(mb) for mb in ep.probe["mbs"]],
@@ -45,9 +45,10 @@ def freeze(eng, ep, tick: int) -> dict:
 def thaw(eng, ep, state: dict) -> int:
     """Restore a frozen state into a new epoch of the same (epoch, rank, K, M, micro-batches); returns
     the tick to continue at (its receives are done)."""
-    want = [ep.epoch, eng.stage.k, eng.stage.K, eng.M, len(ep.mbs)]
-    if list(state["where"]) != want:
-        raise ValueError(f"a pipeline state of (epoch, rank, K, M, micro-batches) {state['where']} cannot "
+    want = [ep.epoch, eng.stage.k, eng.stage.K, eng.M, len(ep.mbs), eng.schedule]
+    where = list(state["where"]) + ["tick"] * (len(state["where"]) == 5)  # states saved before parallel.schedule
+    if where != want:
+        raise ValueError(f"a pipeline state of (epoch, rank, K, M, micro-batches, schedule) {where} cannot "
                          f"continue {want}")
     dev = eng.device
 

@@ -21,8 +21,9 @@ _PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("fashion", "resnet"), ("ci
           ("cifar10", "wrn28-10"), ("cifar100", "resnet56"), ("cifar100", "wrn28-10")]
 # SPH: the parallel phase first, then the serial correction (80% of the epochs parallel), as the
 # paper describes the hybrid. No per-dataset penalty weight: the per-element beta and the curvature
-# guard carry over between datasets and models.
-_PARALLEL = {"penalty": {}, "al": {}}
+# guard carry over between datasets and models. AL keeps beta = 1, where it was measured: its multiplier
+# step grows with beta, and the default 3 was measured for the penalty only (RESULTS.md, "The 1f1b schedule").
+_PARALLEL = {"penalty": {}, "al": {"beta": 1.0}}
 
 
 def _make_presets() -> dict:

@@ -145,7 +145,8 @@ def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs
         mine = measure_costs(model, sub // m, device, graphs=graphs)
         per[m] = m * float(comm.allreduce_array(mine).sum()) / comm.size / 1e6
     # never below the M that keeps the delay trainable: at K = 8, M = 1 (14 steps) diverged (RESULTS.md)
-    return timed_micro(per, pcfg.micro_overhead, least_micro(cands, stages, pcfg.micro_max_delay)), per
+    return timed_micro(per, pcfg.micro_overhead, least_micro(cands, stages, pcfg.micro_max_delay,
+                                                                          pcfg.schedule)), per
 
 
 def recompute_shares(pcfg, stages: int, micro: int, captured: bool) -> list | None:
@@ -154,7 +155,7 @@ def recompute_shares(pcfg, stages: int, micro: int, captured: bool) -> list | No
     captured ones always recompute), else all. None: all of them on every stage."""
     if not pcfg.keep_forward or captured:
         return None
-    shares = [recompute_share(k, stages, micro) for k in range(stages - 1)]
+    shares = [recompute_share(k, stages, micro, pcfg.schedule) for k in range(stages - 1)]
     return None if all(s == 1.0 for s in shares) else shares
 
 

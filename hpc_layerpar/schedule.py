@@ -161,7 +161,7 @@ def micro_candidates(pcfg, batch_size: int, min_pixels: int, stages: int) -> lis
 
 def micro_batches(pcfg, batch_size: int, min_pixels: int, stages: int) -> int:
     """The pipeline's M: as configured, or (0, auto) the largest of micro_candidates. More
-    micro-batches shorten the upstream stages' delay, 2(K-1-k)/M steps, which grows with K
+    micro-batches shorten the upstream stages' delay, (K-1-k)/M steps (2(K-1-k)/M on tick), which grows with K
     (ALGORITHM.md s.4); on a device that loses throughput on small batches runsetup.device_micro
     keeps only the candidates whose M micro-batches cost at most 1 + parallel.micro_overhead of one."""
     if pcfg.micro_batches:
@@ -175,7 +175,9 @@ def timed_micro(seconds: dict, overhead: float, least: int = 1) -> int:
     return max(least, max(m for m, t in seconds.items() if t <= (1 + overhead) * seconds[1]))
 
 
-def least_micro(candidates: list, stages: int, max_delay: float) -> int:
+def least_micro(candidates: list, stages: int, max_delay: float, schedule: str = "tick") -> int:
     """The smallest candidate M that leaves stage 0 at most max_delay optimizer steps behind
-    (2(K-1)/M, ALGORITHM.md s.4), or the largest candidate if none does."""
-    return min((m for m in candidates if 2 * (stages - 1) <= max_delay * m), default=max(candidates))
+    (2(K-1)/M on the "tick" schedule, (K-1)/M on "1f1b": ALGORITHM.md s.4), or the largest candidate
+    if none does."""
+    d = (2 if schedule == "tick" else 1) * (stages - 1)
+    return min((m for m in candidates if d <= max_delay * m), default=max(candidates))

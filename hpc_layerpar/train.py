@@ -138,8 +138,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         sc = _stage_costs(ctx)
         shares = [round(c / sum(sc), 3) for c in sc]
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
-                     f"stage cost shares {shares}; coupling {pc.coupling} ({ctx.micro} micro-batches per step)"
-                     + f"; DS factor {pc.ds}" + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
+                     f"stage cost shares {shares}; coupling {pc.coupling} ({ctx.micro} micro-batches per step, "
+                     f"schedule {pc.schedule}); DS factor {pc.ds}" + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
                      + f"; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
     if ctx.src is not None:

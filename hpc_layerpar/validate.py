@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from .errors import ConfigError
+from .pipeline_plan import SCHEDULES
 from .schedule import parse_phases
 
 EPOCH_COUPLING_GONE = ("version 1's epoch coupling (parallel.coupling=epoch) was removed; its record is "
@@ -119,6 +120,7 @@ def _validate_parallel(cfg) -> None:
     _choice("parallel.switch_momentum", pc.switch_momentum, ("keep", "reset"))
     _positive("parallel.micro_batches", pc.micro_batches, strict=False)
     _choice("parallel.micro_measure", pc.micro_measure, ("auto", "on", "off"))
+    _choice("parallel.schedule", pc.schedule, SCHEDULES)
     if not 0 <= pc.micro_overhead < float("inf"):  # NaN fails too
         raise ConfigError(f"parallel.micro_overhead={pc.micro_overhead} must be a number >= 0 (0.25: M micro-batches "
                           "may cost 1.25x one batch).")

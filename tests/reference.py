@@ -2,7 +2,9 @@
 the engine: the test oracle the MPI engine is compared with.
 
 - pipeline(): the pipeline coupling (s.4). Tick by tick: at tick t stage k forwards micro-batch
-  t - k and updates with micro-batch t - 2(K-1) + k, whose adjoint stage k+1 produced at tick t-1."""
+  t - k and updates with micro-batch t - 2(K-1) + k, whose adjoint stage k+1 produced at tick t-1
+  (schedule "tick"), or with micro-batch t - (K-1), whose adjoint stage k+1 produced at this tick
+  (schedule "1f1b"; the stages are visited last to first, so it is there)."""
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ from hpc_layerpar.graphs import SGDUpdate
 
 
 def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_size, micro, seed, lr, betas,
-             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth"):
+             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth", schedule="tick"):
     """betas[k]: the penalty weight of boundary k+1 (the output of stage k). Returns (models, M) with
     M[k] the per-sample multipliers of boundary k+1 (AL) or None."""
     K = len(ranges)
@@ -67,10 +69,11 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
             m_.train()
         for o in opts:
             o.zero_grad(set_to_none=True)
-        for t in range(nm + 2 * (K - 1)):
+        lag = {"tick": 1, "1f1b": 0}[schedule]  # ticks an adjoint takes to reach stage k-1
+        for t in range(nm + (1 + lag) * (K - 1)):
             for k in range(K - 1, -1, -1):
                 a0, b0 = ranges[k]
-                jf, jb = t - k, t - 2 * (K - 1) + k
+                jf, jb = t - k, t - (K - 1) - lag * (K - 1 - k)
                 for r in range(R):
                     if 0 <= jf < nm and k < K - 1:  # F: the forward message (stage K-1 forwards in B)
                         x = data.train_batch(mbs[r][jf])[0] if k == 0 else filt.up(a_in[r][k][jf])

@@ -119,7 +119,8 @@ def test_auto_micro_batches_grow_with_k_and_keep_batchnorm_statistics_over_768_v
 def test_presets_run_the_parallel_phase_first_and_use_the_defaults():
     for name, tree in PRESETS.items():
         if name.endswith(("-penalty", "-al", "-ds2")):
-            assert "beta" not in tree.get("parallel", {}), name
+            # no per-dataset penalty weight: the penalty takes the default, AL one weight everywhere
+            assert tree.get("parallel", {}).get("beta") == (1.0 if "-al" in name else None), name
             cfg = resolve(name)
             method, serial = cfg.train.phases.split(",")
             assert serial.startswith("serial:") and not method.startswith("(")

@@ -40,6 +40,8 @@ def test_the_timed_choice_keeps_the_delay_trainable():
     assert least_micro([1, 2, 4, 8], 8, 6) == 4       # 14 / 4 = 3.5 steps; 14 / 2 = 7 > 6
     assert least_micro([1, 2, 4], 4, 2) == 4          # 6 / 4 = 1.5 steps; 6 / 2 = 3 > 2
     assert least_micro([1, 2], 8, 6) == 2             # none is short enough: the largest
+    assert least_micro([1, 2, 4, 8], 8, 6, "1f1b") == 2  # 1f1b halves the delay: 7 / 2 = 3.5 steps; 7 / 1 > 6
+    assert least_micro([1, 2, 4], 4, 2, "1f1b") == 2  # 3 / 2 = 1.5 steps; 3 / 1 = 3 > 2
     h100 = {1: sum(H100_FB128), 4: 4 * sum(H100_FB32)}
     assert timed_micro(h100, 0.25, least_micro([1, 2, 4], 4, 6)) == 1
     assert timed_micro(h100, 0.25, least_micro([1, 2, 4, 8], 8, 6)) == 4
@@ -73,7 +75,7 @@ def _fixed_cost(fixed_us, seen):
 
 
 # (fixed cost, replicas, the timed M, another M, the batch sizes timed, the delay cap); K = 2 stages x R
-# replicas, so stage 0 is 2 / M steps behind: a cap of 1 step makes M = 2 the least
+# replicas on the tick schedule, so stage 0 is 2 / M steps behind: a cap of 1 step makes M = 2 the least
 TIMED = [(100, 1, 1, 4, {64, 32, 16}, 6), (0, 1, 4, 1, {64, 32, 16}, 6), (100, 2, 1, 2, {32, 16}, 6),
          (100, 1, 2, 1, {64, 32, 16}, 1)]
 
@@ -94,7 +96,8 @@ def test_the_run_trains_at_the_timed_micro_batch_count(tmp_path, monkeypatch, fi
     n, rep = 2 * replicas, f"parallel.replicas={replicas}"
 
     def metrics(name, *sets):
-        return read_metrics(run(_cfg(tmp_path, data, name, rep, *sets, ranks=n), quiet=True).metrics_path)
+        return read_metrics(run(_cfg(tmp_path, data, name, rep, "parallel.schedule=tick", *sets, ranks=n),
+                                quiet=True).metrics_path)
 
     timed = metrics("timed", "parallel.micro_measure=on", f"parallel.micro_max_delay={cap}")
     assert seen == batches and timed["attrs"]["micro_batches"] == expect

@@ -109,16 +109,17 @@ def test_forced_divergence_stops_every_rank_with_one_message(data, tmp_path, how
 
 
 @pytest.mark.spawns
-@pytest.mark.parametrize("phases", ["penalty:3", "serial:3"])
-def test_in_epoch_check_halts_a_diverging_epoch_within_check_every_steps(data, tmp_path, phases):
+@pytest.mark.parametrize("phases,sch", [("penalty:3", "tick"), ("penalty:3", "1f1b"), ("serial:3", "tick")])
+def test_in_epoch_check_halts_a_diverging_epoch_within_check_every_steps(data, tmp_path, phases, sch):
     """A NaN written into rank 1 at the start of epoch 2: with run.check_every=2 every rank stops after
     step 2 (serial) or tick 2 (pipeline, M = 1) of the epoch's 8 (before, the epoch ran to its end), then
-    the guard reports it as usual."""
+    the guard reports it as usual; on the 1f1b schedule too (whose adjoints of the next tick are not
+    sent when it stops), one tick later: it decides a check K-1 ticks after it is made."""
     p = run_cli(base(data, tmp_path, "h", f"train.phases={phases}", "run.check_every=2", "debug.nan_rank=1",
-                     "debug.nan_epoch=1"), n=2)
+                     "debug.nan_epoch=1", f"parallel.schedule={sch}"), n=2)
     assert p.returncode == EXIT_DIVERGED, p.stdout + p.stderr
     unit = "steps" if phases.startswith("serial") else "micro-batches"  # a pipeline's rank 0 forwarded
-    assert f"halted epoch 2 after 2 of 8 {unit}" in p.stdout, p.stdout
+    assert f"halted epoch 2 after {2 + (sch == '1f1b')} of 8 {unit}" in p.stdout, p.stdout
     assert "Traceback" not in p.stderr and "diverged" in p.stderr
 
 

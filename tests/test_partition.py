@@ -165,8 +165,9 @@ def test_a_lighter_stage_0_takes_more_elements():
 
 def test_a_run_splits_by_the_forwards_its_stages_recompute(tmp_path):
     """The run's split and its recorded stage costs count, per stage, the forwards B recomputes: at
-    K = 2 and M = 4 stage 0 keeps F's graph for half its micro-batches, so its elements cost
-    forward + backward + half a forward (parallel.keep_forward=false: a whole forward)."""
+    K = 2 and M = 4 stage 0 keeps F's graph for three quarters of its micro-batches on the default
+    1f1b schedule (half on tick), so its elements cost forward + backward + a quarter of a forward
+    (parallel.keep_forward=false: a whole forward)."""
     from hpc_layerpar.config import resolve
     from hpc_layerpar.metrics import read_metrics
     from hpc_layerpar.runsetup import recompute_shares
@@ -175,7 +176,9 @@ def test_a_run_splits_by_the_forwards_its_stages_recompute(tmp_path):
     from conftest import make_dataset
 
     data = make_dataset(tmp_path / "d.h5", n_train=128, n_test=32, size=28, classes=4)
-    assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 2, 4, captured=False) == [0.5]
+    assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 2, 4, captured=False) == [0.25]
+    tick = resolve("mnist-resnet-penalty", sets=["parallel.schedule=tick"]).parallel
+    assert recompute_shares(tick, 2, 4, captured=False) == [0.5]
     assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 2, 4, captured=True) is None
     assert recompute_shares(resolve("mnist-resnet-penalty").parallel, 4, 1, captured=False) is None
     attrs = {}
@@ -186,7 +189,7 @@ def test_a_run_splits_by_the_forwards_its_stages_recompute(tmp_path):
             "run.threads=1", "run.device=cpu", f"run.out_dir={tmp_path}/runs", f"run.name={keep}",
             f"parallel.keep_forward={keep}"])
         attrs[keep] = read_metrics(run(cfg, quiet=True).metrics_path)["attrs"]
-    for keep, share in (("true", 0.5), ("false", 1.0)):
+    for keep, share in (("true", 0.25), ("false", 1.0)):
         fb, fwd = json.loads(attrs[keep]["element_costs"]), json.loads(attrs[keep]["element_forward_costs"])
         assert fb == [3 * c for c in fwd]  # partition=macs
         ranges = [tuple(r) for r in json.loads(attrs[keep]["stage_ranges"])]

@@ -55,34 +55,35 @@ def stage_diff(model, ref_model, rng):
     return max(float((x - y).detach().abs().max()) for x, y in zip(mine, ref))
 
 
-COMBOS = [("penalty", 1, "float32", 4, "smooth"), ("al", 1, "float32", 2, "smooth"),
-          ("penalty", 2, "float32", 1, "smooth"), ("al", 2, "bfloat16", 4, "smooth"),
-          ("penalty", 2, "float32", 2, "nearest"), ("penalty", 1, "bfloat16", 2, "smooth")]
+COMBOS = [("penalty", 1, "float32", 4, "smooth", "tick"), ("al", 1, "float32", 2, "smooth", "tick"),
+          ("penalty", 2, "float32", 1, "smooth", "tick"), ("al", 2, "bfloat16", 4, "smooth", "tick"),
+          ("penalty", 2, "float32", 2, "nearest", "tick"), ("penalty", 1, "bfloat16", 2, "smooth", "tick"),
+          ("penalty", 1, "float32", 1, "smooth", "1f1b"), ("al", 2, "bfloat16", 2, "smooth", "1f1b")]
 IN_PROCESS = [2, 3, 4]  # virtual ranks: what plain pytest runs the mpi-marked checks at as well
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("method,ds,wire,micro,up", COMBOS)
-def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, micro, up):
-    _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up)
+@pytest.mark.parametrize("method,ds,wire,micro,up,sch", COMBOS)
+def test_pipeline_engine_equals_reference(world, tiny_data, method, ds, wire, micro, up, sch):
+    _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up, sch)
 
 
 @pytest.mark.parametrize("K", IN_PROCESS)
-@pytest.mark.parametrize("method,ds,wire,micro,up", COMBOS)
-def test_pipeline_engine_equals_reference_in_process(tiny_data, K, method, ds, wire, micro, up):
+@pytest.mark.parametrize("method,ds,wire,micro,up,sch", COMBOS)
+def test_pipeline_engine_equals_reference_in_process(tiny_data, K, method, ds, wire, micro, up, sch):
     """The same check at K = 2..4 as virtual ranks, so that plain pytest exercises the parallel math
     too (under plain pytest the mpi-marked tests run at K = 1, where messages do nothing)."""
-    run_simulated(K, lambda comm: _engine_equals_reference(comm, tiny_data, method, ds, wire, micro, up))
+    run_simulated(K, lambda comm: _engine_equals_reference(comm, tiny_data, method, ds, wire, micro, up, sch))
 
 
-def _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up):
+def _engine_equals_reference(world, tiny_data, method, ds, wire, micro, up, sch):
     data = DeviceDataset(tiny_data, DEVICE)
     ranges = balanced_partition(make_model().costs, world.size)
-    pcfg = ParallelConfig(ds=ds, micro_batches=micro, message_dtype=wire, ds_up=up)
+    pcfg = ParallelConfig(ds=ds, micro_batches=micro, message_dtype=wire, ds_up=up, schedule=sch)
     model, eng, _ = run_engine(world, data, ranges, pcfg, method)
     ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=ds,
                        epochs=EPOCHS, batch_size=BATCH, micro=micro, seed=SEED, lr=LR,
-                       betas=betas_for(world.size), message_dtype=wire, ds_up=up)
+                       betas=betas_for(world.size), message_dtype=wire, ds_up=up, schedule=sch)
     k = world.rank
     dp = stage_diff(model, ref[k], ranges[k])
     moved = stage_diff(model, make_model(), ranges[k])
@@ -131,7 +132,7 @@ def _hybrid_equals_reference(world, tiny_data, method):
         topo.free()
     ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=1,
                        epochs=EPOCHS, batch_size=BATCH, micro=2, seed=SEED, lr=LR, betas=betas_for(K),
-                       replicas=R)
+                       replicas=R, schedule=pcfg.schedule)
     dp = stage_diff(model, ref[stage], ranges[stage])
     dm = 0.0
     if eng.store is not None:
@@ -309,7 +310,7 @@ def _kept_forward_is_exact(world, tiny_data, method):
                for p, q in zip(el1.parameters(), el0.parameters()))
     same = same and (e1.store is None or torch.equal(e1.store.a, e0.store.a))
     n = len(e1.micro_batches(EPOCHS - 1))
-    want = 0 if e1.last else sum(reuses(world.rank, world.size, j, 4) for j in range(n))
+    want = 0 if e1.last else sum(reuses(world.rank, world.size, j, 4, e1.schedule) for j in range(n))
     assert_all(world, same, f"rank {world.rank}: keeping the forward changed the stage")
     assert_all(world, e1.kept == want and e0.kept == 0, f"rank {world.rank}: kept {e1.kept}, plan {want}")
     assert_all(world, world.rank != world.size - 2 or e1.kept > 0, "the rank before the last keeps forwards")

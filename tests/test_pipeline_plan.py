@@ -1,11 +1,24 @@
 """The pipeline's tick plan (pipeline_plan.py), checked as data without processes, up to K = 64."""
 import pytest
 
-from hpc_layerpar.pipeline_plan import ACTIVATIONS, ADJOINTS, delay, plan, recompute_share, render, reuses, ticks
+from hpc_layerpar.pipeline_plan import (
+    ACTIVATIONS,
+    ADJOINTS,
+    SCHEDULES,
+    delay,
+    plan,
+    recompute_share,
+    render,
+    reuses,
+    sent_before,
+    ticks,
+)
 
 from conftest import run_cli
 
-CASES = [(K, M, steps) for K in (1, 2, 3, 4, 8, 16, 64) for M in (1, 2, 4, 16) for steps in (1, 3)]
+CASES = [(K, M, steps, sch) for K in (1, 2, 3, 4, 8, 16, 64) for M in (1, 2, 4, 16) for steps in (1, 3)
+         for sch in SCHEDULES]
+LAG = {"tick": 1, "1f1b": 0}  # ticks an adjoint takes from its sender to its receiver
 
 
 def _where(grid):
@@ -18,11 +31,11 @@ def _where(grid):
     return seen
 
 
-@pytest.mark.parametrize("K,M,steps", CASES)
-def test_every_micro_batch_forwarded_updated_and_stepped_once(K, M, steps):
+@pytest.mark.parametrize("K,M,steps,sch", CASES)
+def test_every_micro_batch_forwarded_updated_and_stepped_once(K, M, steps, sch):
     n = M * steps
-    grid = plan(K, n, M)
-    assert len(grid) == K and all(len(row) == ticks(K, n) == n + 2 * (K - 1) for row in grid)
+    grid = plan(K, n, M, schedule=sch)
+    assert len(grid) == K and all(len(row) == ticks(K, n, sch) == n + (1 + LAG[sch]) * (K - 1) for row in grid)
     seen = _where(grid)
     for k in range(K):
         for j in range(n):
@@ -38,19 +51,23 @@ def test_every_micro_batch_forwarded_updated_and_stepped_once(K, M, steps):
                 assert kinds.index("S") > kinds.index("B")
 
 
-@pytest.mark.parametrize("K,M,steps", CASES)
-def test_dependencies_only_on_the_previous_tick_of_the_neighbours(K, M, steps):
+@pytest.mark.parametrize("K,M,steps,sch", CASES)
+def test_dependencies_only_on_the_previous_tick_of_the_neighbours(K, M, steps, sch):
+    """Activations arrive a tick after they are sent; adjoints too ("tick") or within the tick ("1f1b",
+    from the downstream neighbour, so the waits form a chain down the ranks and never a cycle)."""
     n = M * steps
-    grid = plan(K, n, M)
+    grid = plan(K, n, M, schedule=sch)
     seen = _where(grid)
     for k, row in enumerate(grid):
         for t, acts in enumerate(row):
             for a in acts:
+                lag = 1 if a.channel == ACTIVATIONS else LAG[sch]
                 if a.kind == "recv":
-                    assert abs(a.peer - k) == 1
-                    assert seen.get((a.peer, "send", a.mb, a.channel)) == [t - 1], (k, t, a)
+                    assert abs(a.peer - k) == 1 and sent_before(a, sch) == (lag == 1)
+                    assert seen.get((a.peer, "send", a.mb, a.channel)) == [t - lag], (k, t, a)
+                    assert lag == 1 or a.peer == k + 1
                 if a.kind == "send":
-                    assert seen.get((a.peer, "recv", a.mb, a.channel)) == [t + 1], (k, t, a)
+                    assert seen.get((a.peer, "recv", a.mb, a.channel)) == [t + lag], (k, t, a)
             order = [(a.kind, a.mb, a.channel) for a in acts]
             for i, (kind, j, ch) in enumerate(order):  # a message arrives before its compute, leaves after it
                 compute = order.index(("F" if ch == ACTIVATIONS else "B", j, None)) if ch else i
@@ -60,22 +77,24 @@ def test_dependencies_only_on_the_previous_tick_of_the_neighbours(K, M, steps):
     assert not any(a.kind == "recv" and a.channel == ADJOINTS for row in grid[K - 1] for a in row)
 
 
+@pytest.mark.parametrize("sch", SCHEDULES)
 @pytest.mark.parametrize("K", [1, 2, 4, 8, 64])
-def test_delay_and_in_flight_micro_batches(K):
-    """Stage k updates micro-batch j 2(K-1-k) ticks after its forward, and holds at most 2(K-1-k)+1
-    micro-batches in flight (ALGORITHM.md s.4, memory)."""
+def test_delay_and_in_flight_micro_batches(K, sch):
+    """Stage k updates micro-batch j 2(K-1-k) ("tick") or K-1-k ("1f1b") ticks after its forward, and
+    holds at most that + 1 micro-batches in flight (ALGORITHM.md s.4, memory)."""
     n, M = 40, 4
-    grid = plan(K, n, M)
+    grid = plan(K, n, M, schedule=sch)
     seen = _where(grid)
     for k in range(K):
+        d = (1 + LAG[sch]) * (K - 1 - k)
         for j in range(n):
-            assert seen[(k, "B", j, None)][0] - seen[(k, "F", j, None)][0] == 2 * (K - 1 - k) == delay(k, K)
+            assert seen[(k, "B", j, None)][0] - seen[(k, "F", j, None)][0] == d == delay(k, K, sch)
         inflight = peak = 0
         for row in grid[k]:
             inflight += sum(a.kind == "F" for a in row)
             peak = max(peak, inflight)
             inflight -= sum(a.kind == "B" for a in row)
-        assert inflight == 0 and peak <= 2 * (K - 1 - k) + 1
+        assert inflight == 0 and peak <= d + 1
 
 
 def test_a_partial_last_group_takes_its_own_step():
@@ -91,6 +110,8 @@ def test_bad_arguments_are_refused():
         plan(0, 4, 1)
     with pytest.raises(ValueError, match="micro-batches per step"):
         plan(2, 4, 0)
+    with pytest.raises(ValueError, match="unknown pipeline schedule '1f2b'"):
+        plan(2, 4, 1, schedule="1f2b")
 
 
 def test_render_and_cli():
@@ -102,6 +123,9 @@ def test_render_and_cli():
     p = run_cli(["plan", "--ranks", "3", "--micro", "2", "--steps", "2"], n=1, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == text.strip()
+    p = run_cli(["plan", "--ranks", "3", "--micro", "2", "--steps", "2", "--schedule", "1f1b"], n=1, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == render(3, 4, 2, schedule="1f1b").strip(), p.stderr
+    assert "6 ticks" in p.stdout and p.stdout.splitlines()[2].split()[4:6] == ["F2", "B0"]  # rank 0 at tick 2
     bad = run_cli(["plan", "--ranks", "0", "--micro", "2"], n=1, timeout=120)
     assert bad.returncode == 2 and "--ranks" in bad.stderr
 
@@ -119,13 +143,14 @@ def test_checks_fall_on_the_same_ticks_of_every_rank_and_not_on_the_last(K, n, M
         assert all(acts[-1].kind == "C" for acts in row_c if any(a.kind == "C" for a in acts))
 
 
+@pytest.mark.parametrize("sch", SCHEDULES)
 @pytest.mark.parametrize("K,M", [(K, M) for K in (1, 2, 3, 4, 8) for M in (1, 2, 3, 4, 8)])
-def test_reuse_exactly_where_no_step_falls_between_f_and_b(K, M):
+def test_reuse_exactly_where_no_step_falls_between_f_and_b(K, M, sch):
     """Walk each rank's plan counting its optimizer steps: B of micro-batch j may use F's graph iff
     the count at its B equals the count at its F. Over a long epoch the rest, the micro-batches that
     recompute, approach recompute_share (d of every M)."""
     n = 40 * M + 1  # with a partial last batch
-    for k, row in enumerate(plan(K, n, M)):
+    for k, row in enumerate(plan(K, n, M, schedule=sch)):
         steps, at_f, same = 0, {}, {}
         for acts in row:
             for a in acts:
@@ -135,7 +160,7 @@ def test_reuse_exactly_where_no_step_falls_between_f_and_b(K, M):
                     same[a.mb] = at_f.pop(a.mb) == steps
                 elif a.kind == "S":
                     steps += 1
-        assert [reuses(k, K, j, M) for j in range(n)] == [same[j] for j in range(n)], (k, K, M)
+        assert [reuses(k, K, j, M, sch) for j in range(n)] == [same[j] for j in range(n)], (k, K, M)
         recompute = sum(not same[j] for j in range(n)) / n
-        assert abs(recompute - (recompute_share(k, K, M) if k < K - 1 else 0.0)) <= 2 * M / n
+        assert abs(recompute - (recompute_share(k, K, M, sch) if k < K - 1 else 0.0)) <= 2 * M / n
     assert recompute_share(0, 2, 4) == 0.5 and recompute_share(0, 4, 4) == 1.0 and recompute_share(2, 4, 4) == 0.5
