@@ -52,19 +52,15 @@ BATCH = 128
 DEV = torch.device("cuda")  # --device cpu: a smoke run of the same code, graphs emulated (no timing value)
 
 
-def sync():
-    sync_device(DEV)
-
-
 def wall_ms(fn, steps: int, warm: int = 3) -> float:
     """ms per call of fn, wall clock between device syncs (host overheads count, as in a run)."""
     for _ in range(warm):
         fn()
-    sync()
+    sync_device(DEV)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    sync()
+    sync_device(DEV)
     return 1e3 * (time.perf_counter() - t0) / steps
 
 
@@ -129,10 +125,10 @@ def engine_serial(path, depth, c, h, classes, steps, *, graphs: str, precision: 
     eng = SerialEngine(model, make_optimizer(model, OPT), solo, data, None, batch_size=BATCH, drop_last=True,
                        seed=0, graphs=graphs)
     eng.train_epoch(0, lambda t: OPT.lr)
-    sync()
+    sync_device(DEV)
     t0 = time.perf_counter()
     st = eng.train_epoch(1, lambda t: OPT.lr * (1 - 0.01 * t))
-    sync()
+    sync_device(DEV)
     ms = 1e3 * (time.perf_counter() - t0) / st.steps
     solo.free()
     return ms
@@ -232,17 +228,18 @@ def stage_twin_ms(data, depth, c, h, classes, eng, steps) -> float:
 
 
 # ---- per-element costs: the split and the scaling model ---------------------------------------
-def micro_of(model, micro, k: int, timed: dict) -> tuple:
+def micro_of(model, micro, k: int, timed: dict, sched: str = "tick") -> tuple:
     """(the pipeline's M at K = k, the device timings behind it): micro as given, 0 the BatchNorm rule
     (parallel.micro_measure=off), "timed" the automatic M a run makes on this device
     (runsetup.device_micro), timed once per candidate list (the same for every K <= 4) in `timed`."""
     net = new_model(*model, precision="bf16")
     if micro != "timed":
         return micro_batches(ParallelConfig(micro_batches=micro), BATCH, smallest_map(net), stages=k), {}
-    key = tuple(micro_candidates(ParallelConfig(), BATCH, smallest_map(net), k))
+    key = (sched,) + tuple(micro_candidates(ParallelConfig(), BATCH, smallest_map(net), k))
     if key not in timed:
         solo = Comm.self_()
-        timed[key] = device_micro(net, ParallelConfig(micro_measure="on"), solo, BATCH, k, DEV, DEV.type == "cuda")
+        pc = ParallelConfig(micro_measure="on", schedule=sched)
+        timed[key] = device_micro(net, pc, solo, BATCH, k, DEV, DEV.type == "cuda")
         solo.free()
     return timed[key]
 
@@ -263,10 +260,6 @@ def GRAPHS() -> str:
     return "cuda" if DEV.type == "cuda" else "emulate"
 
 
-def allreduce_s(nbytes, k, net) -> float:
-    return 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
-
-
 def main():
     global DEV, BATCH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -277,6 +270,7 @@ def main():
     ap.add_argument("--micro", default="timed,0,1",
                     help="the pipeline's micro-batches per step to time: timed (the automatic M a run makes on "
                          "this device), 0 (the BatchNorm rule alone), or a count")
+    ap.add_argument("--schedules", default="tick", help="parallel.schedule values to project: tick, 1f1b")
     ap.add_argument("--split", default="time", choices=["time", "blocks"],
                     help="stage split: balanced by captured element times (as a run does), or by block count")
     ap.add_argument("--share-micro", type=int, default=0, help="parallel.micro_batches of the --share run")
@@ -289,8 +283,7 @@ def main():
     a = ap.parse_args()
     DEV, BATCH = torch.device(a.device), a.batch
     if DEV.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/gpu.py needs a CUDA device (this torch sees none); --device cpu only "
-                         "checks that the script runs.")
+        raise SystemExit("benchmarks/gpu.py needs a CUDA device (this torch sees none); --device cpu: a smoke run")
     torch.backends.cudnn.benchmark = True
     ks = [int(k) for k in a.ks.split(",")]
     res = {"device": torch.cuda.get_device_name(0) if DEV.type == "cuda" else "cpu (smoke run)",
@@ -331,17 +324,19 @@ def main():
             r["split_costs"] = {str(BATCH): {"forward_backward_us": split_at[1][2], "forward_us": split_at[1][3]}}
             # time: the engine's split (parallel.partition=time, elements timed as captured graphs);
             # blocks: one element one unit (the split of the issue's table)
-            for micro in [x if x == "timed" else int(x) for x in a.micro.split(",")]:
+            rows_at = {}  # (K, M): the stages' timings, the same replays on either schedule
+            for micro, sched in [(x if x == "timed" else int(x), sc) for x in a.micro.split(",")
+                                 for sc in a.schedules.split(",")]:
                 mlabel = {0: "auto", "timed": "timed"}.get(micro, str(micro))
-                print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, split by {a.split}; "
-                      "T1 = graph bf16 loop; model: the scaling model fed the micro-batch's element costs")
+                print(f"\n### {name}: stages alone (bf16, graphs), micro-batches {mlabel}, schedule {sched}, split by "
+                      f"{a.split}; T1 = graph bf16 loop; model: the scaling model fed the micro-batch's element costs")
                 print("| K | M | stage ms (engine) | twin ms | engine / twin (max) | MB sent per step (max) | "
                       "rho compute | DP at batch/K ms | rho DP compute | NVLink rho par / DP | IB HDR rho par / DP "
                       "| model NVLink par / DP |")
                 print("| --- | " + " | ".join("---" for _ in range(11)) + " |")
                 notes, timed = [], {}
                 for k in ks:
-                    m, per = micro_of((depth, c, h, classes), micro, k, timed)
+                    m, per = micro_of((depth, c, h, classes), micro, k, timed, sched)
                     if per:
                         r["timed_micro"][str(k)] = {"M": m, "seconds": {str(x): t for x, t in per.items()}}
                     if m not in split_at:
@@ -350,19 +345,25 @@ def main():
                                                              "forward_us": split_at[m][3]}
                     split_costs = split_at[m] if a.split == "time" else ([1] * n_el, [1] * n_el)
                     ranges = balanced_partition(split_costs[0], k, split_costs[1])
-                    rows = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, m) for s in range(k)]
+                    if (k, m) not in rows_at:
+                        rows_at[(k, m)] = [stage_engine_ms(data, depth, c, h, classes, ranges, s, a.steps, m)
+                                           for s in range(k)]
+                    rows = rows_at[(k, m)]
                     eng_ms, twin_ms, sent = ([x[i] for x in rows] for i in range(3))
                     dp_ms = plain_loop(data, depth, c, h, classes, a.steps, graph=True, bf16=True, batch=BATCH // k)
                     proj, fb_s, fwd_s = {}, *([us / 1e6 for us in split_at[m][i]] for i in (2, 3))
                     for key, net in (("nvlink", S.PRESETS["nvlink"]), ("ib-hdr", S.PRESETS["ib-hdr"])):
                         comm = [2 * m * net.latency_s + b / net.bandwidth for b in sent]
                         tp = max(max(e / 1e3, cm) for e, cm in zip(eng_ms, comm))
-                        td = dp_ms / 1e3 + allreduce_s(4 * params, k, net)
-                        model_par = S.rho_parallel(smodel, k, net, micro=m, micro_seconds=fb_s, micro_forward=fwd_s)
+                        if sched == "1f1b":  # an activation and an adjoint hop per micro-batch on the critical path
+                            tp = max(eng_ms) / 1e3 + 2 * m * (net.latency_s + max(sent) / (2 * m) / net.bandwidth)
+                        td = dp_ms / 1e3 + S.allreduce_seconds(4 * params, k, net)
+                        model_par = S.rho_parallel(smodel, k, net, micro=m, micro_seconds=fb_s, micro_forward=fwd_s,
+                                                   schedule=sched)
                         proj[key] = (t1 / tp, t1 / td, model_par, S.rho_dataparallel(smodel, k, net))
-                    r["stages"][f"{k}/{mlabel}"] = {"ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms,
-                                                    "bytes_per_step": sent, "dp_ms": dp_ms, "projected": proj,
-                                                    "micro_batches": m}
+                    r["stages"][f"{k}/{mlabel}" + ("" if sched == "tick" else f"/{sched}")] = {
+                        "ranges": ranges, "engine_ms": eng_ms, "twin_ms": twin_ms, "bytes_per_step": sent,
+                        "dp_ms": dp_ms, "projected": proj, "micro_batches": m}
                     ratio = max(e / t for e, t in zip(eng_ms, twin_ms))
                     print(f"| {k} | {m} | {' / '.join(f'{x:.2f}' for x in eng_ms)} | "
                           f"{' / '.join(f'{x:.2f}' for x in twin_ms)} | {ratio:.2f} | {max(sent) / 1e6:.2f} | "

@@ -59,11 +59,12 @@ def dataset(samples):
 
 
 def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1, message_dtype="float32",
-           micro=0, keep=True):
+           micro=0, keep=True, schedule=""):
     """One configuration as a training run on `ranks` ranks through the CLI; its figures, from the
     metrics file: best timed epoch (epoch 0 is the warm-up), bytes and waiting of the busiest rank.
     micro: the pipeline's micro-batch count (parallel.micro_batches; 0: the automatic one).
-    keep: parallel.keep_forward (false: every upstream forward is recomputed at B, the engine before b3f3073)."""
+    keep: parallel.keep_forward (false: every upstream forward is recomputed at B, the engine before b3f3073).
+    schedule: parallel.schedule ("": the default, 1f1b; "tick": the schedule before 2026-12-04)."""
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(mpiexec):
         mpiexec = os.environ.get("MPIEXEC", "mpiexec")
@@ -80,6 +81,8 @@ def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1,
             sets.append(f"parallel.micro_batches={micro}")
         if not keep:
             sets.append("parallel.keep_forward=false")
+        if schedule:
+            sets.append(f"parallel.schedule={schedule}")
         cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train"] + \
             [x for s in sets for x in ("--set", s)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
@@ -101,6 +104,7 @@ def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1,
             "samples": int(a["n_train"]) // batch * batch,
             "micro_batches": int(a["micro_batches"]) if parallel else None,
             "keep_forward": bool(json.loads(a["config"])["parallel"]["keep_forward"]) if parallel else None,
+            "schedule": json.loads(a["config"])["parallel"].get("schedule", "tick") if parallel else None,
             "ranges": _json(a["stage_ranges"]) if parallel else None}
 
 
@@ -184,6 +188,7 @@ def main():
             runs += [(f"{method} K=1", 1, {"method": method}),
                      (method, a.ranks, {"method": method, "ds": 1}),
                      (f"{method} F recomputed", a.ranks, {"method": method, "keep": False}),
+                     (f"{method} tick schedule", a.ranks, {"method": method, "schedule": "tick"}),
                      (f"{method} M=1", a.ranks, {"method": method, "micro": 1}),
                      (f"{method} DS s=2", a.ranks, {"method": method, "ds": 2}),
                      (f"{method} bf16 messages", a.ranks, {"method": method, "message_dtype": "bfloat16"})]

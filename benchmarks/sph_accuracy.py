@@ -3,7 +3,7 @@ over several seeds. One command:
 
     python benchmarks/sph_accuracy.py [--datasets digits,mnist,fashion] [--ks 2,4,8] [--seeds 0,1,2]
                                       [--subset 15000] [--epochs mnist=10,fashion=20,digits=30]
-                                      [--jobs 2] [--out DIR] [--ds-all-seeds]
+                                      [--jobs 2] [--out DIR] [--ds-all-seeds] [--simulate]
 
 Per dataset (ResNet-20, the shipped presets and their defaults):
 - serial back-propagation for the whole budget (1 rank), every seed;
@@ -16,7 +16,8 @@ Per dataset (ResNet-20, the shipped presets and their defaults):
   K = 2 and 4 with the preset's schedule (`run.stop_after=2`): the early-epoch check.
 
 Runs with more ranks than this machine has cores use the one-process simulator
-(`parallel.simulate=K`, the same results as K MPI ranks, no timings); the others run under mpiexec.
+(`parallel.simulate=K`, the same results as K MPI ranks, no timings); the others run under mpiexec
+(`--simulate`: every run simulated, one slot each: many runs at once on one GPU).
 Every run is a real `python -m hpc_layerpar train` job with 1 thread per rank; metrics files go to
 DIR (default benchmarks/out/protocol-<date>), then the report (tables and plots) to DIR/report and a
 Markdown table with the protocol's checks to DIR/protocol.md.
@@ -106,11 +107,11 @@ def plan(a) -> list:
     return runs
 
 
-def launch(label, ds, preset, k, seed, extra, out, cores):
+def launch(label, ds, preset, k, seed, extra, out, cores, force_sim=False):
     name = f"{ds}-{label.replace(' ', '_').replace('=', '').replace('-', '')}-k{k}-s{seed}"
     sets = [f"train.seed={seed}", f"run.name={name}", f"run.out_dir={out}", "run.threads=1",
             "run.progress=lines", f"data.path={os.path.join(ROOT, DATA[ds])}", *extra]
-    simulate = k > cores
+    simulate = k > cores or (force_sim and k > 1)
     if simulate:
         sets.append(f"parallel.simulate={k}")
     py = [sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train", "--preset", preset]
@@ -200,6 +201,7 @@ def main():
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra override for every run")
     ap.add_argument("--ds-all-seeds", action="store_true",
                     help="run DS s = 2 for every seed, not only the first (its seed spread is wide)")
+    ap.add_argument("--simulate", action="store_true", help="simulate every parallel run (one slot each)")
     a = ap.parse_args()
     a.datasets = [d for d in a.datasets.split(",") if d]
     a.ks = [int(k) for k in a.ks.split(",") if k]
@@ -228,11 +230,11 @@ def main():
             free = cores - sum(s for _, _, s, _ in busy)
             while todo and free > 0:
                 label, ds, preset, k, seed, extra = todo[0]
-                need = 1 if k > cores else k
+                need = 1 if (k > cores or a.simulate) else k
                 if need > free and busy:
                     break
                 todo.pop(0)
-                p, name, slots = launch(label, ds, preset, k, seed, extra, out, cores)
+                p, name, slots = launch(label, ds, preset, k, seed, extra, out, cores, a.simulate)
                 busy.append((p, name, slots, time.time()))
                 free -= slots
             time.sleep(2)

@@ -7,7 +7,9 @@ times and the message sizes of ALGORITHM.md s.4, with a latency-bandwidth networ
                               twice: F without gradients, then the recompute of B), 1 for the last
                               o_k = copies of its boundary activations in and out (memory bandwidth)
                               X_k = time to send and receive its messages (latency + bytes / bandwidth);
-                              messages are posted ahead and overlap compute, so only the larger counts
+                              messages are posted ahead and overlap compute, so only the larger counts;
+                              on the 1f1b schedule a micro-batch's messages lie on the critical path:
+                              + 2 M (latency + one micro-batch message / bandwidth) per step
     data-parallel (K)         T_D = T_1 / K + ring allreduce of all gradients (not overlapped, as in serial.py)
     SPH run                   per epoch, a fraction f of parallel epochs and 1 - f data-parallel ones,
                               plus a stage exchange per switch
@@ -59,28 +61,30 @@ class Model:
 
 def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int = 4, micro: int = 4,
                   steps_per_epoch: int = 390, micro_seconds=None, micro_forward=None,
-                  keep: bool = False) -> tuple[float, list]:
+                  keep: bool = False, schedule: str = "tick") -> tuple[float, list]:
     """(seconds per step of the parallel phase at K = k, the split used). The pipeline's
     non-last stages compute their forward twice, M micro-batches per step, and every epoch fills and
-    drains the pipeline (2(K-1) micro-batch ticks), spread over the epoch's steps.
+    drains the pipeline (2(K-1) micro-batch ticks; K-1 on the 1f1b schedule), spread over the epoch's steps.
 
     micro_seconds: per-element forward + backward seconds of one micro-batch (batch / micro samples)
     as measured on the device, micro_forward the forward alone (None: a third); a step is then micro
     of them. Without it, compute is taken as linear in the batch (element_seconds / micro per
     micro-batch): true on CPUs, not on a GPU, where 4 micro-batches of 32 cost 2.4 x one of 128.
     keep: B goes through F's kept graph where it may (parallel.keep_forward on eager steps; captured
-    CUDA-graph steps recompute): a stage recomputes only pipeline_plan.recompute_share of its forwards."""
+    CUDA-graph steps recompute): a stage recomputes only pipeline_plan.recompute_share of its forwards.
+    schedule: parallel.schedule; "1f1b" waits for each adjoint within the tick, so the ranks settle into a
+    stagger whose period holds one activation and one adjoint hop of the slowest boundary."""
     if micro_seconds is None:
         us, fwd, reps = [max(1, int(t * 1e6)) for t in m.element_seconds], None, 1
     else:
         us, reps = [max(1, int(t * 1e6)) for t in micro_seconds], micro
         fwd = None if micro_forward is None else [max(1, int(t * 1e6)) for t in micro_forward]
     # split as a run splits: by each element's cost in its stage's role (partition.role_costs)
-    shares = [recompute_share(s, k, micro) if keep else 1.0 for s in range(k - 1)]
+    shares = [recompute_share(s, k, micro, schedule) if keep else 1.0 for s in range(k - 1)]
     up, last = upstream_costs(us, fwd, shares), role_costs(us, fwd)[1]
     ranges = balanced_partition(last, k, last, upstream=up)
     comp = [reps * c / 1e6 for c in stage_costs(last, ranges, last, up)]  # the recompute counted upstream
-    worst = 0.0
+    worst = hop = 0.0
     for s, (a, b) in enumerate(ranges):
         out_n = m.boundary_numel[b] // (ds * ds) if s < k - 1 else 0
         in_n = m.boundary_numel[a] // (ds * ds) if s > 0 else 0
@@ -91,8 +95,11 @@ def parallel_step(m: Model, k: int, net: Network, *, ds: int = 1, msg_bytes: int
         local = m.batch * (2 * in_n * msg_bytes + 2 * out_n * msg_bytes) / net.memory_bandwidth
         comm += 2 * micro * net.latency_s  # one message per micro-batch each way
         worst = max(worst, comp[s] + local, comm)
+        hop = max(hop, net.latency_s + m.batch * out_n * msg_bytes / (micro * net.bandwidth))
+    if schedule == "1f1b":  # an activation and an adjoint hop per micro-batch, not hidden by compute
+        worst += 2 * micro * hop
     if k > 1:
-        worst *= 1.0 + 2 * (k - 1) / (micro * steps_per_epoch)  # fill and drain once per epoch
+        worst *= 1.0 + (2 if schedule == "tick" else 1) * (k - 1) / (micro * steps_per_epoch)  # fill, drain
     return worst, ranges
 
 
@@ -101,9 +108,12 @@ def dataparallel_step(m: Model, k: int, net: Network) -> float:
     t1 = m.t1()
     if k == 1:
         return t1
-    nbytes = 4 * m.parameters
-    allreduce = 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
-    return t1 / k + allreduce
+    return t1 / k + allreduce_seconds(4 * m.parameters, k, net)
+
+
+def allreduce_seconds(nbytes: int, k: int, net: Network) -> float:
+    """A ring allreduce of nbytes over k ranks: 2(k-1) messages, 2(k-1)/k of the buffer each way."""
+    return 2 * (k - 1) * net.latency_s + 2 * (k - 1) / k * nbytes / net.bandwidth
 
 
 def rho_parallel(m: Model, k: int, net: Network, **kw) -> float:

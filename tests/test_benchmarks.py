@@ -36,12 +36,14 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
     out = tmp_path / "g.json"
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--device", "cpu", "--steps", "1",
                         "--batch", "16", "--models", "resnet8-tiny", "--stage-models", "resnet8-tiny", "--ks", "2",
-                        "--json", str(out), "--save-costs", str(tmp_path / "c.json")],
+                        "--schedules", "tick,1f1b", "--json", str(out), "--save-costs", str(tmp_path / "c.json")],
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())["models"]["resnet8-tiny"]
     assert r["engine_graph_bf16"] > 0 and len(r["stages"]["2/auto"]["engine_ms"]) == 2
     assert r["stages"]["2/timed"]["micro_batches"] == 1 and "16" in r["split_costs"]  # 8x8: no M > 1 keeps BatchNorm
+    tick, f1b = r["stages"]["2/auto"], r["stages"]["2/auto/1f1b"]  # the same stage timings, projected twice
+    assert f1b["engine_ms"] == tick["engine_ms"] and f1b["projected"]["nvlink"][0] <= tick["projected"]["nvlink"][0]
     costs = json.loads((tmp_path / "c.json").read_text())["models"]["resnet8-tiny"]
     assert len(costs["element_seconds"]) == 5 and "| 2 |" in p.stdout
 
