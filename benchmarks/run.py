@@ -59,12 +59,13 @@ def dataset(samples):
 
 
 def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1, message_dtype="float32",
-           micro=0, keep=True, schedule=""):
+           micro=0, keep=True, schedule="", extra=()):
     """One configuration as a training run on `ranks` ranks through the CLI; its figures, from the
     metrics file: best timed epoch (epoch 0 is the warm-up), bytes and waiting of the busiest rank.
     micro: the pipeline's micro-batch count (parallel.micro_batches; 0: the automatic one).
     keep: parallel.keep_forward (false: every upstream forward is recomputed at B, the engine before b3f3073).
-    schedule: parallel.schedule ("": the default, 1f1b; "tick": the schedule before 2026-12-04)."""
+    schedule: parallel.schedule ("": the default, 1f1b; "tick": the schedule before 2026-12-04).
+    extra: further "key=value" settings (e.g. "parallel.partition=macs", a split that does not vary by launch)."""
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     if not os.path.exists(mpiexec):
         mpiexec = os.environ.get("MPIEXEC", "mpiexec")
@@ -83,6 +84,7 @@ def launch(ranks, *, data, depth, batch, epochs, samples, method="serial", ds=1,
             sets.append("parallel.keep_forward=false")
         if schedule:
             sets.append(f"parallel.schedule={schedule}")
+        sets += list(extra)
         cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "hpc_layerpar", "train"] + \
             [x for s in sets for x in ("--set", s)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
