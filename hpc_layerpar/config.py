@@ -65,7 +65,8 @@ class ParallelConfig:
     micro_overhead: float = 0.25  # ... keeps M only if M micro-batches cost <= 1 + this of one batch
     micro_max_delay: float = 6.0  # ... and only if stage 0's delay 2(K-1)/M (1f1b: (K-1)/M) <= this many steps
     schedule: str = "1f1b"      # 1f1b (adjoints within the tick: half the delay) | tick (adjoints a tick later)
-    beta: float = 3.0           # penalty weight, per element of the boundary (3: docs/RESULTS.md, "The 1f1b schedule")
+    beta: str = "auto"          # penalty weight per element of a boundary, or auto: 3 at K <= 4, 10 at K > 4
+    #                             (schedule.base_beta; docs/RESULTS.md, "The penalty weight at K = 8")
     beta_guard: str = "auto"    # auto: cap beta where lr*beta*curvature > 1 | refuse: error | off
     beta_growth: float = 1.0    # penalty: beta_e = min(beta * beta_growth^e, beta_max)
     beta_max: float = 1.0e4

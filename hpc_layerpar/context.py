@@ -29,7 +29,7 @@ from .runsetup import (
     set_threads,
     stage_ranges,
 )
-from .schedule import PARALLEL, lr_at, micro_batches, parse_phases, total_epochs
+from .schedule import PARALLEL, base_beta, lr_at, micro_batches, parse_phases, total_epochs
 from .serial import SerialEngine, make_optimizer
 
 
@@ -233,6 +233,6 @@ def _split(ctx: RunContext) -> None:
     # now, then the pipeline shares the caps (ALGORITHM.md s.4c).
     batch = sub_batch // ctx.micro
     mine = agree(comm, lambda: G.beta_caps(ctx.model, ctx.ranges, ctx.data, DSFilter.of(pc), rank=ctx.topo.stage,
-                                           beta=pc.beta, lr=cfg.optim.lr, batch=batch,
+                                           beta=base_beta(pc, ctx.topo.stages), lr=cfg.optim.lr, batch=batch,
                                            seed=cfg.train.seed, mode=pc.beta_guard))
     ctx.caps = ctx.pipe.allgather_obj(mine)

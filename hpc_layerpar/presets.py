@@ -22,7 +22,7 @@ _PAIRS = [("digits", "resnet"), ("mnist", "resnet"), ("fashion", "resnet"), ("ci
 # SPH: the parallel phase first, then the serial correction (80% of the epochs parallel), as the
 # paper describes the hybrid. No per-dataset penalty weight: the per-element beta and the curvature
 # guard carry over between datasets and models. AL keeps beta = 1, where it was measured: its multiplier
-# step grows with beta, and the default 3 was measured for the penalty only (RESULTS.md, "The 1f1b schedule").
+# step grows with beta, and the default (auto: 3 up to 4 stages, 10 beyond) was measured for the penalty only.
 _PARALLEL = {"penalty": {}, "al": {"beta": 1.0}}
 
 

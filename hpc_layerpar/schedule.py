@@ -142,12 +142,26 @@ def epoch_plan(phases: list[Phase], *, start_epoch: int = 0, eval_every: int = 1
     return out
 
 
-def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int) -> float:
+# parallel.beta=auto: the penalty weight by pipeline length. Every added boundary anchors a target that
+# is a few steps stale, and the drift adds up down the pipeline: on the Fashion-MNIST subset 3 was best
+# of 1 / 3 / 10 at K = 4 (M = 1) and 10 at K = 8 (M = 2), where 3 lost 1.7 points (RESULTS.md).
+BETA_AUTO = ((4, 3.0), (None, 10.0))  # (up to this K, beta); None: every larger K
+
+
+def base_beta(pcfg, stages: int) -> float:
+    """beta_0 of a run with `stages` pipeline stages: parallel.beta as given, or the auto rule."""
+    if str(pcfg.beta).strip().lower() != "auto":
+        return float(pcfg.beta)
+    return next(b for k, b in BETA_AUTO if k is None or stages <= k)
+
+
+def beta_for_epoch(pcfg, method: str, parallel_epochs_before: int, stages: int) -> float:
     """Penalty: beta_0 * growth^e capped at beta_max, e counting the parallel epochs run before
     this one (across phases); AL keeps beta fixed."""
+    beta = base_beta(pcfg, stages)
     if method == "al":
-        return pcfg.beta
-    return min(pcfg.beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
+        return beta
+    return min(beta * pcfg.beta_growth ** parallel_epochs_before, pcfg.beta_max)
 
 
 def micro_candidates(pcfg, batch_size: int, min_pixels: int, stages: int) -> list:

@@ -25,7 +25,7 @@ from .partition import stage_costs
 from .pipeline import PipelineEngine
 from .progress import Progress, epoch_line
 from .runsetup import aux_bytes, role_split_costs
-from .schedule import PARALLEL, EpochStep, beta_for_epoch, epoch_plan
+from .schedule import PARALLEL, EpochStep, base_beta, beta_for_epoch, epoch_plan
 from .stages import share_stages
 from .stats import PhaseStats
 from .stop import StopRequest
@@ -53,7 +53,7 @@ def _remedy(cfg: Config, phase: str) -> str:
     o, pc = cfg.optim, cfg.parallel
     tips = [f"lower optim.lr (now {o.lr:g})", f"lengthen optim.warmup_epochs (now {o.warmup_epochs:g})"]
     if phase in PARALLEL:
-        tips.insert(1, f"lower parallel.beta (now {pc.beta:g}) and keep parallel.beta_guard=auto "
+        tips.insert(1, f"lower parallel.beta (now {pc.beta}) and keep parallel.beta_guard=auto "
                        f"(now {pc.beta_guard})")
     return ("Remedy: " + ", or ".join(tips) + "; resume from the last good checkpoint with --resume, or "
             "start again.")
@@ -140,7 +140,7 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
                      f"stage cost shares {shares}; coupling {pc.coupling} ({ctx.micro} micro-batches per step, "
                      f"schedule {pc.schedule}); DS factor {pc.ds}" + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
-                     + f"; beta {pc.beta:g}, guard {pc.beta_guard}: cap per boundary "
+                     + f"; beta {base_beta(pc, ctx.topo.stages):g} ({pc.beta}), guard {pc.beta_guard}: caps "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
     if ctx.src is not None:
         part = meta.partial if meta is not None else None
@@ -208,7 +208,7 @@ def _train(ctx: RunContext, loop: _Loop, step: EpochStep, progress: Progress) ->
         problems = G.local_problems(st.first_bad_step, [st.train_loss], list(ctx.model.parameters()),
                                     _bn_statistics(ctx.model.modules()))
         return st, nan, nan, _halted(ctx, st, step, progress, problems)
-    beta = beta_for_epoch(ctx.cfg.parallel, step.method, step.parallel_before)
+    beta = beta_for_epoch(ctx.cfg.parallel, step.method, step.parallel_before, ctx.topo.stages)
     beta_eff = ctx.beta(beta)
     st = loop.engine.train_epoch(step.epoch, ctx.lr, 0.0 if math.isnan(beta_eff) else beta_eff, resume=resume)
     last = ctx.pipe.rank == ctx.pipe.size - 1

@@ -6,7 +6,7 @@ import difflib
 
 from .errors import ConfigError
 from .pipeline_plan import SCHEDULES
-from .schedule import parse_phases
+from .schedule import BETA_AUTO, parse_phases
 
 EPOCH_COUPLING_GONE = ("version 1's epoch coupling (parallel.coupling=epoch) was removed; its record is "
                        "docs/ALGORITHM.md s.4b and s.10")
@@ -27,6 +27,20 @@ def _choice(key, value, choices):
 def _positive(key, value, strict=True):
     if (value <= 0) if strict else (value < 0):
         raise ConfigError(f"{key}={value} must be {'> 0' if strict else '>= 0'}.")
+
+
+def _beta(value) -> float:
+    """The largest beta_0 parallel.beta may give: a number >= 0, or auto (schedule.BETA_AUTO)."""
+    if str(value).strip().lower() == "auto":
+        return max(b for _, b in BETA_AUTO)
+    try:
+        beta = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"parallel.beta={value!r} is not a number or auto; give e.g. parallel.beta=3, or "
+                          "parallel.beta=auto (3 up to 4 stages, 10 beyond).") from None
+    if not 0 <= beta < float("inf"):
+        raise ConfigError(f"parallel.beta={value!r} must be a finite number >= 0, or auto.")
+    return beta
 
 
 def validate(cfg) -> None:
@@ -130,7 +144,7 @@ def _validate_parallel(cfg) -> None:
     _positive("parallel.simulate", pc.simulate, strict=False)
     if not 0 < pc.al_rho <= 1:
         raise ConfigError(f"parallel.al_rho={pc.al_rho} must lie in (0, 1]; 1 is the undamped multiplier step.")
-    _positive("parallel.beta", pc.beta, strict=False)
+    beta = _beta(pc.beta)
     if pc.micro_batches and d.batch_size % (pc.replicas * pc.micro_batches):
         raise ConfigError(f"data.batch_size={d.batch_size} must be divisible by parallel.replicas x "
                           f"parallel.micro_batches = {pc.replicas} x {pc.micro_batches}; change one of them.")
@@ -140,8 +154,9 @@ def _validate_parallel(cfg) -> None:
                           "data.drop_last=true (the default) or parallel.replicas=1.")
     if pc.beta_growth < 1:
         raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
-    if pc.beta_max < pc.beta:
-        raise ConfigError(f"parallel.beta_max={pc.beta_max} must be >= parallel.beta={pc.beta}.")
+    if pc.beta_max < beta:
+        raise ConfigError(f"parallel.beta_max={pc.beta_max} must be >= parallel.beta={pc.beta}"
+                          + (f" (auto: up to {beta:g})." if str(pc.beta).strip().lower() == "auto" else "."))
     _choice("parallel.ds", pc.ds, (1, 2, 4))
     _choice("parallel.ds_up", pc.ds_up, ("smooth", "nearest"))
     _choice("parallel.message_dtype", pc.message_dtype, ("float32", "bfloat16"))

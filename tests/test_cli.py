@@ -178,3 +178,21 @@ def test_cuda_aware_on_is_refused_when_the_library_reports_no_support(tmp_path):
         assert not list((tmp_path / "runs").glob("*.h5")), "refused before any metrics file"
     p = run_cli(base + ["--set", "run.cuda_aware=force"], n=2)
     assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.spawns
+def test_default_beta_is_3_up_to_4_stages_and_10_beyond(tmp_path):
+    """parallel.beta=auto, the default: what a run uses (the metrics file's beta, the log) follows the
+    number of pipeline stages, and a number given on the command line wins at any K."""
+    data = make_dataset(tmp_path / "d.h5", n_train=64)
+    base = ["train", "--preset", "digits-resnet-penalty", "--set", f"data.path={data}", "--set", "data.batch_size=16",
+            "--set", "model.depth=14", "--set", "train.phases=penalty:1", "--set", "optim.warmup_epochs=0",
+            "--set", "parallel.partition=macs", "--set", "parallel.micro_batches=1", "--set", "run.threads=1",
+            "--set", "run.device=cpu", "--set", f"run.out_dir={tmp_path}/runs"]
+    for name, k, extra, want in (("k2", 2, [], 3.0), ("k5", 5, [], 10.0), ("k5b", 5, ["parallel.beta=2"], 2.0)):
+        p = run_cli(base + ["--set", f"run.name={name}", "--set", f"parallel.simulate={k}"]
+                    + [x for e in extra for x in ("--set", e)], n=1)
+        assert p.returncode == 0, p.stderr
+        (f,) = (tmp_path / "runs").glob(f"{name}-2*.h5")
+        assert list(read_metrics(str(f))["columns"]["beta"]) == [want], name
+        assert f"beta {want:g} ({'auto' if not extra else '2'})" in p.stdout + p.stderr, name

@@ -51,6 +51,10 @@ def test_layering_preset_file_set(tmp_path):
      "data.drop_last=false with parallel.replicas=2: the replicas of a parallel phase take equal full"),
     (["parallel.beta_guard=maybe"], "is not one of auto, refuse, off"),
     (["parallel.al_rho=0"], "parallel.al_rho=0.0 must lie in \\(0, 1\\]"),
+    (["parallel.beta=stiff"], "parallel.beta='stiff' is not a number or auto; give e.g. parallel.beta=3"),
+    (["parallel.beta=-1"], "parallel.beta='-1' must be a finite number >= 0, or auto"),
+    (["parallel.beta=nan"], "parallel.beta='nan' must be a finite number >= 0"),
+    (["parallel.beta_max=5"], "parallel.beta_max=5.0 must be >= parallel.beta=auto \\(auto: up to 10\\)"),
     (["data.subset=-5"], "data.subset=-5 must be >= 0"),
     (["train.phases=idle:3"], "is not one of serial, penalty, al, skip"),
 ])

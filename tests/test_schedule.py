@@ -2,8 +2,17 @@ import math
 
 import pytest
 
-from hpc_layerpar.config import ConfigError
-from hpc_layerpar.schedule import Phase, lr_at, parallel_epochs_before, parse_phases, phase_of_epoch, total_epochs
+from hpc_layerpar.config import ConfigError, ParallelConfig
+from hpc_layerpar.schedule import (
+    Phase,
+    base_beta,
+    beta_for_epoch,
+    lr_at,
+    parallel_epochs_before,
+    parse_phases,
+    phase_of_epoch,
+    total_epochs,
+)
 
 
 def test_parse_simple_and_repeated():
@@ -80,3 +89,18 @@ def test_epoch_plan_stop_and_skip():
     assert [(p[1], p[2], p[4]) for p in _plan("skip:2,serial:1")] == [
         ("skip", "", False), ("skip", "", False), ("serial", "", True)]
     assert _plan("penalty:1,skip:1,serial:1")[2][2] == "share", "the stages are still apart after a skip"
+
+
+def test_auto_beta_follows_the_pipeline_length_and_a_number_is_kept():
+    """parallel.beta=auto (the default): 3 up to 4 stages, 10 beyond (RESULTS.md, "The penalty weight
+    at K = 8"); a number, as a config file or --set gives it, is used at every K; growth and the cap
+    apply to either, and AL keeps its beta_0."""
+    auto = ParallelConfig()
+    assert auto.beta == "auto"
+    assert [base_beta(auto, k) for k in (1, 2, 4, 5, 8, 16)] == [3.0, 3.0, 3.0, 10.0, 10.0, 10.0]
+    for given in ("5", 5, 5.0, " 5 "):
+        assert [base_beta(ParallelConfig(beta=given), k) for k in (2, 8)] == [5.0, 5.0]
+    grow = ParallelConfig(beta_growth=2.0, beta_max=30.0)
+    assert [beta_for_epoch(grow, "penalty", e, 8) for e in range(3)] == [10.0, 20.0, 30.0]
+    assert [beta_for_epoch(grow, "penalty", e, 2) for e in range(3)] == [3.0, 6.0, 12.0]
+    assert beta_for_epoch(grow, "al", 2, 8) == 10.0 and beta_for_epoch(ParallelConfig(beta="AUTO"), "al", 0, 4) == 3.0
