@@ -75,13 +75,24 @@ RESUME_FIXED = {"model": None, "optim": None,
                              "augment", "ds", "ds_up", "message_dtype", "aux_dtype", "replicas", "switch_momentum")}
 
 
+def same_setting(a, b) -> bool:
+    """Equal settings, numbers by value: parallel.beta is auto or a number written as text, so "3",
+    "3.0" and a checkpoint's 3.0 (written before beta took auto) are one setting."""
+    if a == b:
+        return True
+    try:
+        return not isinstance(a, bool) and not isinstance(b, bool) and float(a) == float(b)
+    except (TypeError, ValueError):
+        return False
+
+
 def config_changes(saved: dict, now: dict) -> list:
     """['section.key: saved -> now', ...] for the settings RESUME_FIXED names that differ."""
     out = []
     for section, keys in RESUME_FIXED.items():
         a, b = saved.get(section, {}), now.get(section, {})
         for k in (keys or sorted(set(a) | set(b))):
-            if a.get(k) != b.get(k):
+            if not same_setting(a.get(k), b.get(k)):
                 out.append(f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}")
     return out
 

@@ -190,7 +190,7 @@ def _same_guard(saved: dict, cfg: Config) -> bool:
     keys = (("parallel", "beta"), ("parallel", "beta_guard"), ("parallel", "ds"), ("parallel", "micro_batches"),
             ("optim", "lr"), ("train", "seed"), ("data", "batch_size"))
     now = json.loads(cfg.to_json())
-    return all(saved.get(s, {}).get(k) == now[s][k] for s, k in keys)
+    return all(C.same_setting(saved.get(s, {}).get(k), now[s][k]) for s, k in keys)
 
 
 def _split(ctx: RunContext) -> None:

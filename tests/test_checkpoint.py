@@ -237,3 +237,15 @@ def test_stop_inside_an_epoch_resumes_bitwise(tmp_path, n, phases, epoch, check,
     ma, mb = final_model(str(out / "ref.ckpt")), final_model(str(out / "cut.ckpt"))
     assert all(torch.equal(ma["model"][k], mb["model"][k]) for k in ma["model"])
     assert all(torch.equal(x, y) for x, y in zip(ma["momentum"], mb["momentum"]))
+
+
+def test_resume_compares_numbers_by_value():
+    """parallel.beta is auto or a number written as text: a checkpoint written with beta 3.0 (before
+    beta took auto) resumes with --set parallel.beta=3, while auto against 3 is a change."""
+    from hpc_layerpar.checkpoint import config_changes
+
+    saved = {"parallel": {"beta": 3.0, "ds": 1}}
+    assert config_changes(saved, {"parallel": {"beta": "3", "ds": 1}}) == []
+    assert config_changes({"parallel": {"beta": "3.0", "ds": 1}}, {"parallel": {"beta": "3", "ds": 1}}) == []
+    assert config_changes(saved, {"parallel": {"beta": "auto", "ds": 1}}) == ["parallel.beta: 3.0 -> 'auto'"]
+    assert config_changes(saved, {"parallel": {"beta": "3", "ds": 2}}) == ["parallel.ds: 1 -> 2"]
