@@ -148,9 +148,14 @@ def epoch_plan(phases: list[Phase], *, start_epoch: int = 0, eval_every: int = 1
 BETA_AUTO = ((4, 3.0), (None, 10.0))  # (up to this K, beta); None: every larger K
 
 
+def beta_is_auto(value) -> bool:
+    """Whether a parallel.beta value asks for the auto rule (text from a config file or --set)."""
+    return str(value).strip().lower() == "auto"
+
+
 def base_beta(pcfg, stages: int) -> float:
     """beta_0 of a run with `stages` pipeline stages: parallel.beta as given, or the auto rule."""
-    if str(pcfg.beta).strip().lower() != "auto":
+    if not beta_is_auto(pcfg.beta):
         return float(pcfg.beta)
     return next(b for k, b in BETA_AUTO if k is None or stages <= k)
 

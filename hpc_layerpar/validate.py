@@ -6,7 +6,7 @@ import difflib
 
 from .errors import ConfigError
 from .pipeline_plan import SCHEDULES
-from .schedule import BETA_AUTO, parse_phases
+from .schedule import BETA_AUTO, beta_is_auto, parse_phases
 
 EPOCH_COUPLING_GONE = ("version 1's epoch coupling (parallel.coupling=epoch) was removed; its record is "
                        "docs/ALGORITHM.md s.4b and s.10")
@@ -31,7 +31,7 @@ def _positive(key, value, strict=True):
 
 def _beta(value) -> float:
     """The largest beta_0 parallel.beta may give: a number >= 0, or auto (schedule.BETA_AUTO)."""
-    if str(value).strip().lower() == "auto":
+    if beta_is_auto(value):
         return max(b for _, b in BETA_AUTO)
     try:
         beta = float(value)
@@ -156,7 +156,7 @@ def _validate_parallel(cfg) -> None:
         raise ConfigError(f"parallel.beta_growth={pc.beta_growth} must be >= 1 (beta never shrinks).")
     if pc.beta_max < beta:
         raise ConfigError(f"parallel.beta_max={pc.beta_max} must be >= parallel.beta={pc.beta}"
-                          + (f" (auto: up to {beta:g})." if str(pc.beta).strip().lower() == "auto" else "."))
+                          + (f" (auto: up to {beta:g})." if beta_is_auto(pc.beta) else "."))
     _choice("parallel.ds", pc.ds, (1, 2, 4))
     _choice("parallel.ds_up", pc.ds_up, ("smooth", "nearest"))
     _choice("parallel.message_dtype", pc.message_dtype, ("float32", "bfloat16"))
