@@ -12,6 +12,12 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if kind == "batch" else nn.Identity()
 
 
+# The networks' activation. ReLU is the model; SiLU is the tests' smooth stand-in: a comparison of two
+# computations of the same math at 1e-5 over many steps is ill-posed at a kink (a pre-activation
+# within rounding of 0 takes its sign from the summation order, and one gradient entry jumps by dy).
+ACTIVATIONS = {"relu": F.relu, "silu": F.silu}
+
+
 class Stem(nn.Module):
     """The network's first element: a 3x3 convolution to the base width (the first block pre-activates it)."""
     def __init__(self, cin: int, cout: int):
@@ -26,8 +32,9 @@ class Stem(nn.Module):
 class PreActBlock(nn.Module):
     """x + f(x) with f = conv(relu(bn(conv(relu(bn(x)))))); a 1x1 projection where the shape changes."""
 
-    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, act: str = "relu"):
         super().__init__()
+        self.act = ACTIVATIONS[act]
         self.bn1 = _norm(norm, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
         self.bn2 = _norm(norm, cout)
@@ -37,24 +44,25 @@ class PreActBlock(nn.Module):
 
     def forward(self, x):
         """x + f(x); where the shape changes, the shortcut is the 1x1 projection of relu(bn1(x))."""
-        o = F.relu(self.bn1(x))
+        o = self.act(self.bn1(x))
         # Pre-activation ResNets feed the projection from the activated input (He et al. 2016).
         sc = x if self.shortcut is None else self.shortcut(o)
         o = self.conv1(o)
-        o = self.conv2(F.relu(self.bn2(o)))
+        o = self.conv2(self.act(self.bn2(o)))
         return o + sc
 
 
 class Head(nn.Module):
     """The last element: norm and ReLU, global average pooling, then a linear classifier."""
-    def __init__(self, channels: int, classes: int, norm: str):
+    def __init__(self, channels: int, classes: int, norm: str, act: str = "relu"):
         super().__init__()
+        self.act = ACTIVATIONS[act]
         self.bn = _norm(norm, channels)
         self.fc = nn.Linear(channels, classes)
 
     def forward(self, x):
         """Class logits (B, classes) of the feature maps x."""
-        x = F.relu(self.bn(x))
+        x = self.act(self.bn(x))
         # a mean over H x W rather than adaptive_avg_pool2d: the same average, and its backward on
         # CUDA has a deterministic kernel (adaptive pooling's raises under run.deterministic)
         return self.fc(x.mean(dim=(2, 3)))
@@ -119,9 +127,12 @@ def _conv_macs(cin, cout, k, hout, wout):
 
 
 def build_model(arch: str, depth: int, width: int = 1, *, in_channels: int, image_size: int,
-                num_classes: int, base_width: int = 16, norm: str = "batch") -> LayerSequence:
+                num_classes: int, base_width: int = 16, norm: str = "batch", act: str = "relu") -> LayerSequence:
     """ResNet-(6n+2) (3 groups of n pre-activation blocks, widths w, 2w, 4w) or WRN-(6n+4)-k
-    (widths 16k, 32k, 64k after a 16-channel stem). Resolution halves at groups 2 and 3."""
+    (widths 16k, 32k, 64k after a 16-channel stem). Resolution halves at groups 2 and 3. act: the
+    activation (ACTIVATIONS)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}: use one of {sorted(ACTIVATIONS)}")
     if arch == "resnet":
         if (depth - 2) % 6 or depth < 8:
             raise ValueError(f"ResNet depth must be 6n+2, got {depth}")
@@ -148,7 +159,7 @@ def build_model(arch: str, depth: int, width: int = 1, *, in_channels: int, imag
             stride = 2 if (g > 0 and b == 0) else 1
             shapes.append((cin, h, h))
             h //= stride
-            blk = PreActBlock(cin, cout, stride, norm)
+            blk = PreActBlock(cin, cout, stride, norm, act)
             c = _conv_macs(cin, cout, 3, h, h) + _conv_macs(cout, cout, 3, h, h)
             if blk.shortcut is not None:
                 c += _conv_macs(cin, cout, 1, h, h)
@@ -156,7 +167,7 @@ def build_model(arch: str, depth: int, width: int = 1, *, in_channels: int, imag
             costs.append(c + 4 * cout * h * h)  # + BN/ReLU/add
             cin = cout
     shapes.append((cin, h, h))
-    elements.append(Head(cin, num_classes, norm))
+    elements.append(Head(cin, num_classes, norm, act))
     costs.append(cin * num_classes + 3 * cin * h * h)
     shapes.append((num_classes,))
     model = LayerSequence(elements, shapes, costs, name)

@@ -40,6 +40,20 @@ def test_no_norm_variant_has_no_batchnorm():
     assert not any(isinstance(mod, torch.nn.BatchNorm2d) for mod in m.modules())
 
 
+def test_silu_variant_has_no_kink_and_bad_activation_is_refused():
+    """act="silu" (the tests' smooth stand-in) changes only the activation: same parameters, a
+    different function; an unknown activation is refused by name."""
+    torch.manual_seed(0)
+    a = build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4)
+    b = build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4, act="silu")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    assert not torch.allclose(a(x), b(x))
+    assert b.elements[1].act is torch.nn.functional.silu and b.elements[-1].act is torch.nn.functional.silu
+    with pytest.raises(ValueError, match="'tanh'.*relu"):
+        build_model("resnet", 8, in_channels=1, image_size=8, num_classes=4, act="tanh")
+
+
 def test_bad_depth():
     with pytest.raises(ValueError, match="6n\\+2"):
         build_model("resnet", 21, in_channels=3, image_size=32, num_classes=10)
