@@ -30,7 +30,8 @@ class Stem(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    """x + f(x) with f = conv(relu(bn(conv(relu(bn(x)))))); a 1x1 projection where the shape changes."""
+    """x + f(x) with f = conv(act(bn(conv(act(bn(x)))))), act ReLU unless set; a 1x1 projection where
+    the shape changes."""
 
     def __init__(self, cin: int, cout: int, stride: int, norm: str, act: str = "relu"):
         super().__init__()
@@ -43,7 +44,7 @@ class PreActBlock(nn.Module):
                          if stride != 1 or cin != cout else None)
 
     def forward(self, x):
-        """x + f(x); where the shape changes, the shortcut is the 1x1 projection of relu(bn1(x))."""
+        """x + f(x); where the shape changes, the shortcut is the 1x1 projection of act(bn1(x))."""
         o = self.act(self.bn1(x))
         # Pre-activation ResNets feed the projection from the activated input (He et al. 2016).
         sc = x if self.shortcut is None else self.shortcut(o)
@@ -53,7 +54,7 @@ class PreActBlock(nn.Module):
 
 
 class Head(nn.Module):
-    """The last element: norm and ReLU, global average pooling, then a linear classifier."""
+    """The last element: norm and the activation, global average pooling, then a linear classifier."""
     def __init__(self, channels: int, classes: int, norm: str, act: str = "relu"):
         super().__init__()
         self.act = ACTIVATIONS[act]
