@@ -196,3 +196,22 @@ def test_a_run_splits_by_the_forwards_its_stages_recompute(tmp_path):
         per = upstream_costs(fb, fwd, [share])
         assert ranges == balanced_partition(fb, 2, fb, upstream=per), keep
         assert json.loads(attrs[keep]["stage_costs"]) == stage_costs(fb, ranges, fb, per), keep
+
+
+def test_measured_costs_attribute_each_backward_to_its_element():
+    """The chained probe (one forward through the network, one backward back) gives each element its
+    own backward: the blocks' forward + backward is well above their forward alone, and the head
+    (pooling and a linear layer) stays far below a block. Handing element i's backward to a neighbour,
+    or timing the reverse pass without the upstream gradient, breaks one of the two. Margins are 3x and
+    more on any machine; the probe leaves the model's weights and BatchNorm statistics untouched."""
+    torch = pytest.importorskip("torch")
+    from hpc_layerpar.costs import measure_costs
+    m = build_model("resnet", 20, in_channels=3, image_size=32, num_classes=10)
+    before = [t.clone() for t in m.state_dict().values()]
+    fb = measure_costs(m, 32, torch.device("cpu"), reps=2)
+    fwd = measure_costs(m, 32, torch.device("cpu"), reps=2, forward=True)
+    assert len(fb) == len(fwd) == len(m) and min(fb) > 0 and min(fwd) > 0
+    blocks = slice(1, len(m) - 1)
+    assert sum(fb[blocks]) > 1.5 * sum(fwd[blocks]), (fb, fwd)
+    assert fb[-1] < 0.25 * sorted(fb[blocks])[len(fb[blocks]) // 2], fb
+    assert all(torch.equal(a, b) for a, b in zip(before, m.state_dict().values()))
