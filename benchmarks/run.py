@@ -125,7 +125,8 @@ def _row(depth, name, ranks, epoch, step, rho, mb=None, wait=None, switch=None):
           flush=True)
 
 
-PEER_NAMES = {"plain": "peer plain PyTorch", "ddp": "peer DDP", "gpipe": "peer GPipe", "1f1b": "peer 1F1B"}
+PEER_NAMES = {"plain": "peer plain PyTorch", "accum": "peer plain, accumulated", "ddp": "peer DDP",
+              "gpipe": "peer GPipe", "1f1b": "peer 1F1B"}
 
 
 def peer_rows(a, depth, base, cut, micro):

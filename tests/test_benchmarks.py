@@ -49,17 +49,18 @@ def test_gpu_benchmark_script_runs_end_to_end_on_cpu(tmp_path):
 
 
 def test_peers_run_end_to_end():
-    """benchmarks/peers.py on 2 processes: plain PyTorch on 1, DDP, GPipe and 1F1B on 2 (gloo from MPICH's
-    PMI variables), one JSON line each with a positive per-step time; a smoke run, its figures mean nothing."""
+    """benchmarks/peers.py on 2 processes: plain PyTorch and its accumulated micro-batches on 1, DDP, GPipe
+    and 1F1B on 2 (gloo from MPICH's PMI variables), one JSON line each with a positive per-step time; a
+    smoke run, its figures mean nothing."""
     p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "peers.py"), "--ranks", "2", "--depth", "8",
                         "--batch", "8", "--warmup", "1", "--steps", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {r["config"]: r for r in map(json.loads, p.stdout.splitlines())}
-    assert sorted(rows) == ["1f1b", "ddp", "gpipe", "plain"]
+    assert sorted(rows) == ["1f1b", "accum", "ddp", "gpipe", "plain"]
     assert all(r["step_seconds"] > 0 for r in rows.values())
     assert rows["plain"]["ranks"] == 1 and rows["ddp"]["ranks"] == 2 == len(rows["gpipe"]["ranges"])
-    assert rows["1f1b"]["micro_batches"] == 4
+    assert rows["1f1b"]["micro_batches"] == 4 == rows["accum"]["micro_batches"] and rows["accum"]["ranks"] == 1
 
 
 def test_time_to_accuracy_end_to_end(tmp_path):
