@@ -193,7 +193,7 @@ class PipelineEngine:
         t_epoch = time.perf_counter()
         comm_before = self.comm.counters.comm_seconds
         do = {"recv": self._recv, "send": self._send, "F": self._forward, "B": self._backward, "S": self._step}
-        ticks = rank_plan(self.stage.k, self.stage.K, nm, self.M, self.check_ticks, self.schedule)
+        ticks = rank_plan(self.stage.k, self.stage.K, nm, self.M, self.check_ticks, self.schedule, ahead=self.keep)
         halted = pending = None  # pending: 1f1b's check in flight, (the tick it is decided at, its reduction)
         last = len(ticks) - 1
         for t in range(start, len(ticks)):

@@ -126,24 +126,59 @@ def rank_tick(rank: int, stages: int, tick: int, n: int, per_step: int, schedule
     return out
 
 
-def rank_plan(rank: int, stages: int, n: int, per_step: int, check_every: int = 0, schedule: str = "tick") -> list:
+def rank_plan(rank: int, stages: int, n: int, per_step: int, check_every: int = 0, schedule: str = "tick",
+              ahead: bool = False) -> list:
     """Every tick of one rank's epoch: a list (per tick) of lists of Actions. check_every > 0: a check
-    C ends every tick t with (t + 1) % check_every == 0, but the last (the epoch's end checks anyway)."""
+    C ends every tick t with (t + 1) % check_every == 0, but the last (the epoch's end checks anyway).
+    ahead: run_ahead() on rank 0 of a 1f1b pipeline (the engine sets it where F's graph is kept)."""
     if per_step < 1:
         raise ValueError(f"micro-batches per step must be >= 1, got {per_step}")
     nt = ticks(stages, n, schedule)
     out = [rank_tick(rank, stages, t, n, per_step, schedule) for t in range(nt)]
-    if check_every > 0:
-        for t in range(check_every - 1, nt - 1, check_every):
-            out[t].append(Action("C", -1))
+    checks = range(check_every - 1, nt - 1, check_every) if check_every > 0 else ()
+    for t in checks:
+        out[t].append(Action("C", -1))
+    if ahead and rank == 0 < stages - 1 and schedule == "1f1b":
+        out = run_ahead(out, {min(t + stages - 1, nt - 1) for t in checks})
     return out
 
 
-def plan(stages: int, n: int, per_step: int, check_every: int = 0, schedule: str = "tick") -> list:
+def run_ahead(ticks_: list, fixed=()) -> list:
+    """Rank 0's ticks with each F (and its send) moved to the tick before, before that tick's B, wherever
+    no optimizer step ends that tick and it is not in `fixed` (the ticks a check may stop the epoch at).
+
+    Why: on 1f1b the B of the d micro-batches forwarded before an optimizer step recomputes the
+    forward (reuses()), so that tick of rank 0 runs F + 2F + B-ish while rank 1's runs F + B; with no
+    slack in the 1f1b stagger, rank 1 then waits for its next input (ResNet-56, K = 2, M = 4: 0.1 s
+    once per step, RESULTS.md "Rank 0 forwards ahead"). Forwarded a tick early, that input is already
+    there. The numbers do not change: rank 0's parameters change only at S, and no S lies between a
+    moved F's old and new place (its BatchNorm statistics see the forwards in the same order), so
+    every F computes what it did, and reuses() holds for the same micro-batches. At a stop tick rank 0
+    is where the plain plan has it: the check, a halt and a resumed epoch see the same state."""
+    out = [list(t) for t in ticks_]
+
+    def forward_group(t):
+        return [a for a in out[t] if a.kind == "F" or (a.kind == "send" and a.channel == ACTIVATIONS)]
+
+    for t in range(len(out) - 1):
+        if t in fixed or any(a.kind == "S" for a in out[t]):
+            continue
+        moved = forward_group(t + 1)
+        if not moved:
+            continue
+        out[t + 1] = [a for a in out[t + 1] if a not in moved]
+        at = max([i + 1 for i, a in enumerate(out[t]) if a.kind == "F" or
+                  (a.kind == "send" and a.channel == ACTIVATIONS)], default=0)
+        out[t][at:at] = moved
+    return out
+
+
+def plan(stages: int, n: int, per_step: int, check_every: int = 0, schedule: str = "tick",
+         ahead: bool = False) -> list:
     """plan[k][t]: the actions of rank k at tick t, for an epoch of n micro-batches."""
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
-    return [rank_plan(k, stages, n, per_step, check_every, schedule) for k in range(stages)]
+    return [rank_plan(k, stages, n, per_step, check_every, schedule, ahead) for k in range(stages)]
 
 
 def render(stages: int, n: int, per_step: int, messages: bool = False, schedule: str = "tick") -> str:

@@ -7,6 +7,7 @@ from hpc_layerpar.pipeline_plan import (
     SCHEDULES,
     delay,
     plan,
+    rank_plan,
     recompute_share,
     render,
     reuses,
@@ -164,3 +165,30 @@ def test_reuse_exactly_where_no_step_falls_between_f_and_b(K, M, sch):
         recompute = sum(not same[j] for j in range(n)) / n
         assert abs(recompute - (recompute_share(k, K, M, sch) if k < K - 1 else 0.0)) <= 2 * M / n
     assert recompute_share(0, 2, 4) == 0.5 and recompute_share(0, 4, 4) == 1.0 and recompute_share(2, 4, 4) == 0.5
+
+
+@pytest.mark.parametrize("K,M,check", [(2, 4, 0), (2, 4, 3), (4, 4, 5), (8, 2, 0), (3, 1, 0)])
+def test_rank0_runs_ahead_without_crossing_a_step_or_a_stop_tick(K, M, check):
+    """ahead=True (1f1b, kept forward) moves rank 0's F a tick early: every action stays exactly once,
+    B and S stay where they were, no F passes an S (its parameters would differ), the ticks a check
+    may stop at keep the plain plan's state, and M = 1 (a step every tick) changes nothing."""
+    n = 6 * M + 1
+    plain = rank_plan(0, K, n, M, check, "1f1b")
+    ahead = rank_plan(0, K, n, M, check, "1f1b", ahead=True)
+    flat = lambda p: [(t, a) for t, acts in enumerate(p) for a in acts]  # noqa: E731
+    assert sorted(map(repr, (a for _, a in flat(plain)))) == sorted(map(repr, (a for _, a in flat(ahead))))
+    assert [[a for a in acts if a.kind != "F" and a.channel is None] for acts in plain] == \
+        [[a for a in acts if a.kind != "F" and a.channel is None] for acts in ahead]
+    seq = [a for _, a in flat(ahead)]
+    plain_seq = [a for _, a in flat(plain)]
+    for j in range(n):  # the steps before each F are the same in both orders
+        f = next(i for i, a in enumerate(seq) if a.kind == "F" and a.mb == j)
+        g = next(i for i, a in enumerate(plain_seq) if a.kind == "F" and a.mb == j)
+        assert sum(a.kind == "S" for a in seq[:f]) == sum(a.kind == "S" for a in plain_seq[:g])
+    nt = len(plain)
+    stops = {min(t + K - 1, nt - 1) for t in range(check - 1, nt - 1, check)} if check else set()
+    for t in stops:  # what rank 0 has forwarded by the end of a stop tick is the plain plan's
+        forwarded = [{a.mb for acts in p[:t + 1] for a in acts if a.kind == "F"} for p in (plain, ahead)]
+        assert forwarded[0] == forwarded[1]
+    moved = sum(1 for (t, a), (u, b) in zip(flat(plain), flat(ahead)) if a != b)
+    assert (moved == 0) == (M == 1)
