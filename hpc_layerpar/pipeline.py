@@ -25,7 +25,7 @@ from .filters import DSFilter
 from .graphs import GraphCache
 from .models import smallest_map
 from .pipeline_graphs import PipelineGraphs
-from .pipeline_plan import ACTIVATIONS, rank_plan, reuses, sent_before
+from .pipeline_plan import ACTIVATIONS, decided_at, rank_plan, reuses, sent_before
 from .pipeline_state import freeze, thaw
 from .pipeline_step import MicroBatch, NoRunningStats, StageStep
 from .schedule import micro_batches
@@ -211,7 +211,7 @@ class PipelineEngine:
                 if t < last:  # (at the epoch's last tick its end's check follows anyway)
                     halted = self._decide(ep, ticks, t, *G.agree((self.replica_comm,), *flags))
             if check and pending is None and halted is None and self.schedule != "tick":
-                pending = (min(t + self.stage.K - 1, last), self.comm.iallreduce_array(self._flags(), "max"))
+                pending = (decided_at(t, self.stage.K, len(ticks)), self.comm.iallreduce_array(self._flags(), "max"))
             watchdog.beat()
             if halted is not None:
                 break

@@ -83,6 +83,12 @@ def sent_before(action: Action, schedule: str = "tick") -> bool:
     return action.kind == "recv" and (action.channel == ACTIVATIONS or _lag(schedule) == 1)
 
 
+def decided_at(check_tick: int, stages: int, n_ticks: int) -> int:
+    """The tick at whose end a 1f1b check made at check_tick is decided (and the epoch may stop): K-1
+    ticks later, so that its collective does not undo the stagger, or the epoch's last tick."""
+    return min(check_tick + stages - 1, n_ticks - 1)
+
+
 def reuses(rank: int, stages: int, j: int, per_step: int, schedule: str = "tick") -> bool:
     """Whether `rank`'s parameters are the same at the B of micro-batch j as at its F: no optimizer step
     falls between them (a step follows the B of micro-batch i when (i + 1) % M == 0; at tick t F comes
@@ -139,7 +145,7 @@ def rank_plan(rank: int, stages: int, n: int, per_step: int, check_every: int = 
     for t in checks:
         out[t].append(Action("C", -1))
     if ahead and rank == 0 < stages - 1 and schedule == "1f1b":
-        out = run_ahead(out, {min(t + stages - 1, nt - 1) for t in checks})
+        out = run_ahead(out, {decided_at(t, stages, nt) for t in checks})
     return out
 
 
@@ -157,18 +163,15 @@ def run_ahead(ticks_: list, fixed=()) -> list:
     is where the plain plan has it: the check, a halt and a resumed epoch see the same state."""
     out = [list(t) for t in ticks_]
 
-    def forward_group(t):
-        return [a for a in out[t] if a.kind == "F" or (a.kind == "send" and a.channel == ACTIVATIONS)]
+    def forward(a):  # F and its send downstream (rank 0 reads its input: no receive)
+        return a.kind == "F" or (a.kind == "send" and a.channel == ACTIVATIONS)
 
     for t in range(len(out) - 1):
         if t in fixed or any(a.kind == "S" for a in out[t]):
             continue
-        moved = forward_group(t + 1)
-        if not moved:
-            continue
-        out[t + 1] = [a for a in out[t + 1] if a not in moved]
-        at = max([i + 1 for i, a in enumerate(out[t]) if a.kind == "F" or
-                  (a.kind == "send" and a.channel == ACTIVATIONS)], default=0)
+        moved = [a for a in out[t + 1] if forward(a)]
+        out[t + 1] = [a for a in out[t + 1] if not forward(a)]
+        at = max((i + 1 for i, a in enumerate(out[t]) if forward(a)), default=0)  # after this tick's own F
         out[t][at:at] = moved
     return out
 
