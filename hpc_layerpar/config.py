@@ -73,6 +73,7 @@ class ParallelConfig:
     al_rho: float = 0.5         # AL: damping of the multiplier step, in (0, 1]
     augment: bool = True        # rank 0 augments in parallel epochs as well
     keep_forward: bool = True   # B reuses F's graph where no step falls between them (exact; memory)
+    stash_weights: bool = False  # B at the parameters its F used, also across a step (eager steps; s.4)
     ds: int = 1                 # DS filter factor s in {1, 2, 4}: messages and storage / s^2
     ds_up: str = "smooth"       # DS upsampling U: smooth (bilinear, block means kept) | nearest (v1)
     message_dtype: str = "float32"   # float32 | bfloat16 (on the wire)

@@ -131,6 +131,10 @@ def build_context(cfg: Config, comm, resume: str | None) -> RunContext:
         if cfg.run.cuda_graphs == "on" and device.type != "cuda":
             raise ConfigError(f"run.cuda_graphs=on needs a CUDA device, but this rank runs on {device} "
                               f"(run.device={cfg.run.device}); use run.cuda_graphs=auto or off.")
+        if pc.stash_weights and not pc.simulate and graph_mode(cfg.run.cuda_graphs, device) != "off":
+            raise ConfigError(f"parallel.stash_weights=true runs eager steps, but run.cuda_graphs="
+                              f"{cfg.run.cuda_graphs} captures them on {device}; set run.cuda_graphs=off "
+                              "or drop parallel.stash_weights.")
         threads = set_threads(cfg.run.threads, comm.local_size)
         data = DeviceDataset(cfg.data.path, device, subset=cfg.data.subset)
         check_fit(cfg, data, comm)

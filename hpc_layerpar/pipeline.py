@@ -71,6 +71,8 @@ class PipelineEngine:
         self.graphs = PipelineGraphs(self.step, GraphCache(graphs if method == "penalty" else "off"), self.device)
         # B goes through F's graph where no step falls between them (eager path; captured steps recompute)
         self.keep = pcfg.keep_forward and not self.graphs.enabled and not self.stage.last
+        # B at the parameters F saw, also across a step (weight stashing; eager steps: config refuses graphs)
+        self.stash = pcfg.stash_weights and not self.graphs.enabled and not self.stage.last
         self.kept = 0  # micro-batches of the last epoch whose B used F's graph
         # AL: per-sample multipliers of the outgoing boundary live here, on the rank they pull.
         self.store = None
@@ -291,8 +293,9 @@ class PipelineEngine:
         if self.graphs.enabled:
             d = self.graphs.replay("F", ep.dev, j, n, a=aux)[0]
         else:
-            keep = self.keep and reuses(self.stage.k, self.stage.K, j, self.M, self.schedule)
-            d = self.step.forward(mb, keep=keep)
+            same = reuses(self.stage.k, self.stage.K, j, self.M, self.schedule)
+            keep = self.keep and (same or self.stash)
+            d = self.step.forward(mb, keep=keep, stash=self.stash and not same)
             if keep:
                 ep.kept_at[j] = ep.updates
         ep.outbox[(ACTIVATIONS, j)] = d
@@ -316,7 +319,7 @@ class PipelineEngine:
             adj = self.graphs.replay("B", ep.dev, j, len(mb), a=mb.a, p=mb.p, anchor=mb.anchor, scale=mb.scale)[0]
         else:
             # F's graph only if the parameters are still those F used (else, or after a resume: recompute)
-            kept = mb.kept is not None and ep.kept_at.pop(j, None) == ep.updates
+            kept = mb.kept is not None and (ep.kept_at.pop(j, None) == ep.updates or mb.stash is not None)
             self.kept += kept
             adj, diff = self.step.backward(mb, ep.beta, kept=kept)
             mb.kept = None

@@ -17,6 +17,11 @@ from .pipeline_step import MicroBatch
 FIELDS = [f.name for f in dataclasses.fields(MicroBatch) if f.name != "kept"]
 
 
+def _plain(v):
+    """A field as saved: stashed parameters (leaves that gather B's gradient) as plain tensors."""
+    return [t.detach() for t in v] if isinstance(v, list) else v
+
+
 def freeze(eng, ep, tick: int) -> dict:
     """This rank's epoch state before `tick` (whose receives are already in ep.inbox)."""
     objs, index = [], {}
@@ -24,7 +29,7 @@ def freeze(eng, ep, tick: int) -> dict:
     def ref(mb) -> int:  # a micro-batch held by both inflight and the probe is one object: keep it one
         if id(mb) not in index:
             index[id(mb)] = len(objs)
-            objs.append({f: getattr(mb, f) for f in FIELDS})
+            objs.append({f: _plain(getattr(mb, f)) for f in FIELDS})
         return index[id(mb)]
 
     sums = eng.sums
@@ -53,6 +58,8 @@ def thaw(eng, ep, state: dict) -> int:
     dev = eng.device
 
     def on(t):
+        if isinstance(t, list):  # stashed parameters
+            return [x.to(dev) for x in t]
         return t.to(dev) if torch.is_tensor(t) else t
 
     objs = [MicroBatch(**{f: on(d[f]) for f in FIELDS}) for d in state["micro_batches"]]

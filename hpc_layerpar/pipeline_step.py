@@ -18,8 +18,10 @@ class MicroBatch:
     (ranks k >= 1); p: the adjoint of the outgoing boundary, anchor: what the downstream rank received
     (ranks k < K-1, B only); m: the AL multipliers of the outgoing boundary (or None); scale: the global
     batch's samples over this micro-batch's (M for a full batch; None: M), so that a short
-    micro-batch of a partial last batch weighs by its samples. kept: (D(u), leaf) with F's graph, when
-    F kept it for B (the stage's parameters will not move in between: pipeline_plan.reuses)."""
+    micro-batch of a partial last batch weighs by its samples. stash: copies of the stage's parameters
+    as F saw them, when B must use them although a step falls in between (parallel.stash_weights).
+    kept: (D(u), leaf) with F's graph, when F kept it for B (the parameters B uses are the ones F used:
+    no step in between, pipeline_plan.reuses, or stashed)."""
     ids: torch.Tensor | None = None
     off: torch.Tensor | None = None
     flip: torch.Tensor | None = None
@@ -28,6 +30,7 @@ class MicroBatch:
     anchor: torch.Tensor | None = None
     m: torch.Tensor | None = None
     scale: float | None = None
+    stash: list | None = None
     kept: tuple | None = None
 
     def __len__(self) -> int:
@@ -81,16 +84,24 @@ class StageStep:
         leaf = mb.a.detach().requires_grad_(grad)
         return self.stage.filter.up(leaf), leaf
 
-    def forward(self, mb: MicroBatch, keep: bool = False) -> torch.Tensor:
+    def forward(self, mb: MicroBatch, keep: bool = False, stash: bool = False) -> torch.Tensor:
         """F: the message D(Phi_k(U(a))) this stage sends downstream. keep: build the graph and keep it
-        in mb.kept for B, which then needs no recompute (only when the parameters stay as they are
-        until B: the graph holds them as F saw them); otherwise no gradients."""
+        in mb.kept for B, which then needs no recompute (only when B uses the parameters F saw: none
+        moves in between, or they are stashed); otherwise no gradients. stash: copy the parameters into
+        mb.stash, for a B that comes after a step (parallel.stash_weights)."""
+        if stash:
+            mb.stash = [p.detach().clone() for p in self.stage.params]
         with torch.set_grad_enabled(keep):
             x, leaf = self.input(mb, keep)
-            d = self.stage.filter.down(self.stage(x))
+            d = self.stage.filter.down(self.stage(x, self._stashed(mb)))
         if keep:
             mb.kept = (d, leaf)
         return d.detach()
+
+    @staticmethod
+    def _stashed(mb: MicroBatch):
+        """The stashed parameters as leaves of a graph (their .grad gathers B's gradient), or None."""
+        return None if mb.stash is None else [s.requires_grad_(True) for s in mb.stash]
 
     def objective(self, mb: MicroBatch, beta, kept: bool = False) -> Objective:
         """The local objective of s.3 on one micro-batch: cross-entropy on the last rank; elsewhere
@@ -109,7 +120,7 @@ class StageStep:
                 y = self.data.train_y[mb.ids.to(self.data.device)]
                 return Objective(F.cross_entropy(u, y), None, (u.detach().argmax(1) == y).sum(), leaf)
             with NoRunningStats(self.stage.modules):
-                d = self.stage.filter.down(self.stage(x))
+                d = self.stage.filter.down(self.stage(x, self._stashed(mb)))
         n = len(d)
         diff = d - mb.anchor
         loss = (mb.p * d).sum() / n
@@ -131,6 +142,10 @@ class StageStep:
         n = len(mb)
         scale = self.M if mb.scale is None else mb.scale
         (ob.loss / scale).backward()
+        if mb.stash is not None:  # gradients at the stashed parameters go to the step in progress
+            for p, s in zip(self.stage.params, mb.stash):
+                p.grad.add_(s.grad)
+            mb.stash = None
         residual = None if ob.diff is None else ob.diff.detach().flatten(1).norm(dim=1).sum()
         self.sums.add_in_graph(ob.loss.detach(), n, residual=residual, correct=ob.correct)
         # the backward carried 1/scale: undo it, or every boundary would scale the gradients upstream by 1/M

@@ -152,9 +152,12 @@ def device_micro(model, pcfg, comm, batch_size: int, stages: int, device, graphs
 def recompute_shares(pcfg, stages: int, micro: int, captured: bool) -> list | None:
     """Per non-last stage, the share of its micro-batches whose B recomputes the forward: those whose
     parameters move between F and B when F's graph is kept (parallel.keep_forward, eager steps only:
-    captured ones always recompute), else all. None: all of them on every stage."""
+    captured ones always recompute), else all; none with stashed weights (parallel.stash_weights: every
+    B goes through its F's graph). None: all of them on every stage."""
     if not pcfg.keep_forward or captured:
         return None
+    if pcfg.stash_weights:
+        return [0.0] * (stages - 1)
     shares = [recompute_share(k, stages, micro, pcfg.schedule) for k in range(stages - 1)]
     return None if all(s == 1.0 for s in shares) else shares
 

@@ -25,6 +25,8 @@ class Stage:
         self.start, self.end = ranges[k]
         self.first, self.last = k == 0, k == self.K - 1
         self.params = stage_params(model, self.start, self.end)
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.param_names = [names[id(p)] for p in self.params]  # for torch.func.functional_call
         self.modules = list(model.elements[self.start:self.end].modules())
         self.in_shape = filt.coarse_shape(model.shapes[self.start])
         self.out_shape = None if self.last else filt.coarse_shape(model.shapes[self.end])
@@ -34,9 +36,13 @@ class Stage:
         self.bucket = GradBucket(self.params, device)
         self.sgd = SGDUpdate(optimizer, self.params, device)
 
-    def __call__(self, x):
-        """Phi_k: the stage's elements applied to x."""
-        return self.model(x, self.start, self.end)
+    def __call__(self, x, params=None):
+        """Phi_k: the stage's elements applied to x; params: other tensors in place of the stage's own
+        parameters (stashed ones, in self.params order; the buffers stay the modules' own)."""
+        if params is None:
+            return self.model(x, self.start, self.end)
+        return torch.func.functional_call(self.model, dict(zip(self.param_names, params)),
+                                          (x, self.start, self.end))
 
     def buffers(self) -> list:
         """The stage's own buffers (BatchNorm statistics and counts)."""

@@ -3,12 +3,11 @@ the epoch's phase, train it, check it, evaluate, record, checkpoint. The loop it
 per-epoch steps are the small functions below."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,7 +64,7 @@ def make_parallel_engine(ctx: RunContext, method: str):
     kw = {"method": method, "batch_size": cfg.data.batch_size, "drop_last": cfg.data.drop_last,
           "seed": cfg.train.seed, "replica_comm": ctx.topo.reps, "shard": ctx.shard,
           "check_every": cfg.run.check_every}
-    pc = dataclasses.replace(cfg.parallel, micro_batches=ctx.micro)  # the M set-up chose (it may be timed)
+    pc = replace(cfg.parallel, micro_batches=ctx.micro)  # the M set-up chose (it may be timed)
     return PipelineEngine(ctx.model, ctx.opt, ctx.pipe, ctx.data, ctx.ranges, pc,
                           augment=ctx.augment, graphs=ctx.serial.graphs.mode, **kw)
 
@@ -139,7 +138,8 @@ def _open_metrics(ctx: RunContext, progress: Progress) -> tuple:
         shares = [round(c / sum(sc), 3) for c in sc]
         progress.log(f"stages (elements [start, end) per rank, partition={pc.partition}): {ctx.ranges}; "
                      f"stage cost shares {shares}; coupling {pc.coupling} ({ctx.micro} micro-batches per step, "
-                     f"schedule {pc.schedule}); DS factor {pc.ds}" + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
+                     f"schedule {pc.schedule}{', stashed weights' * pc.stash_weights}); DS factor {pc.ds}"
+                     + (f" ({pc.ds_up} upsampling)" if pc.ds > 1 else "")
                      + f"; beta {base_beta(pc, ctx.topo.stages):g} ({pc.beta}), guard {pc.beta_guard}: caps "
                      f"{shown}; auxiliary storage per rank {[round(b / 2**20, 1) for b in aux_sizes]} MiB")
     if ctx.src is not None:

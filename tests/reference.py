@@ -15,9 +15,10 @@ from hpc_layerpar.graphs import SGDUpdate
 
 
 def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_size, micro, seed, lr, betas,
-             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth", schedule="tick"):
+             al_rho=0.5, message_dtype="float32", replicas=1, ds_up="smooth", schedule="tick", stash=False):
     """betas[k]: the penalty weight of boundary k+1 (the output of stage k). Returns (models, M) with
-    M[k] the per-sample multipliers of boundary k+1 (AL) or None."""
+    M[k] the per-sample multipliers of boundary k+1 (AL) or None. stash: every B of a non-last stage
+    at a copy of the parameters its F used (weight stashing), its gradient added to the step in progress."""
     K = len(ranges)
     models = [make_model() for _ in range(K)]
     opts = [make_opt(m) for m in models]
@@ -64,6 +65,7 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
         a_in = [[{} for _ in range(K)] for _ in range(R)]    # [r][k][j]: auxiliary input of stage k
         z_out = [[{} for _ in range(K)] for _ in range(R)]   # what stage k sent for j
         adj = [[{} for _ in range(K)] for _ in range(R)]     # adjoint arriving at stage k for j
+        snap = [[{} for _ in range(K)] for _ in range(R)]    # stash: stage k's parameters at the F of j
         updates = [0] * K
         for m_ in models:
             m_.train()
@@ -79,6 +81,8 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                         x = data.train_batch(mbs[r][jf])[0] if k == 0 else filt.up(a_in[r][k][jf])
                         with torch.no_grad():
                             z_out[r][k][jf] = rnd(filt.down(models[k](x, a0, b0)))
+                        if stash:
+                            snap[r][k][jf] = _snapshot(models[k], a0, b0)
                         a_in[r][k + 1][jf] = z_out[r][k][jf]
                 if not 0 <= jb < nm:
                     continue
@@ -94,8 +98,9 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                     if k == K - 1:
                         loss = F.cross_entropy(models[k](x, a0, b0), data.train_y[idx])
                     else:
+                        w = snap[r][k].pop(jb) if stash else None
                         with bn_frozen(models[k]):
-                            d = filt.down(models[k](x, a0, b0))
+                            d = filt.down(_apply(models[k], x, a0, b0, w))
                         numel = d[0].numel()
                         anchor = z_out[r][k].pop(jb)
                         p = adj[r][k].pop(jb)
@@ -105,6 +110,8 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                             loss = loss + (m * (d - anchor)).sum() / nbt
                             M[k][idx] = m + al_rho * betas[k] / numel * (d - anchor).detach()
                     (loss / micro).backward()  # sums the replicas' gradients, as the Allreduce does
+                    if stash and k < K - 1:
+                        _add_grads(models[k], w)
                     if leaf is not None:
                         adj[r][k - 1][jb] = rnd(leaf.grad * (nbt * micro))  # p = |mu| dL/da
                 if (jb + 1) % micro == 0:
@@ -112,6 +119,27 @@ def pipeline(make_model, make_opt, data, ranges, *, method, ds, epochs, batch_si
                     updates[k] += 1
         assert all(u == nb for u in updates)
     return models, M
+
+
+def _snapshot(model, a, b) -> dict:
+    """Copies of the parameters of elements [a, b), by name: what F saw."""
+    mine = tuple(f"elements.{i}." for i in range(a, b))
+    return {name: v.detach().clone() for name, v in model.named_parameters() if name.startswith(mine)}
+
+
+def _apply(model, x, a, b, w=None):
+    """Elements [a, b) applied to x, at the copies w (leaves that gather the gradient) if given."""
+    if w is None:
+        return model(x, a, b)
+    return torch.func.functional_call(model, {n: v.requires_grad_(True) for n, v in w.items()}, (x, a, b))
+
+
+def _add_grads(model, w) -> None:
+    """The gradients at the copies w belong to the live parameters: added to what they hold."""
+    live = dict(model.named_parameters())
+    for name, v in w.items():
+        g = live[name].grad
+        live[name].grad = v.grad.clone() if g is None else g + v.grad
 
 
 def _step_stage(sgd, lr, replicas):

@@ -200,14 +200,16 @@ def test_al_resume_restores_the_multipliers_at_the_same_split(tmp_path):
 # phase, inside an AL phase at K = 3, in the first epoch of a phase, in the serial epoch that follows a
 # parallel phase (its stage exchange was done before the stop). With M > 1 the stop falls inside a
 # global batch on the downstream ranks (gradients of its first micro-batches held, not yet stepped).
-# Last: parallel.schedule=1f1b, whose adjoints of the tick after the stop are sent after it, not before.
-MID_EPOCH = [(2, "(penalty:3,serial:1)x3", 5, 3, 2, "tick"), (3, "(al:3,serial:1)x3", 5, 3, 4, "tick"),
-             (3, "(penalty:3,serial:1)x3", 4, 5, 1, "tick"), (2, "(penalty:3,serial:1)x3", 3, 6, 1, "tick"),
-             (3, "(penalty:3,serial:1)x3", 4, 5, 1, "1f1b")]
+# Then parallel.schedule=1f1b, whose adjoints of the tick after the stop are sent after it, not before;
+# last, stashed weights (stage 0 holds a stashed micro-batch across the stop: its B recomputes at the copy).
+MID_EPOCH = [(2, "(penalty:3,serial:1)x3", 5, 3, 2, "tick", ()), (3, "(al:3,serial:1)x3", 5, 3, 4, "tick", ()),
+             (3, "(penalty:3,serial:1)x3", 4, 5, 1, "tick", ()), (2, "(penalty:3,serial:1)x3", 3, 6, 1, "tick", ()),
+             (3, "(penalty:3,serial:1)x3", 4, 5, 1, "1f1b", ()),
+             (3, "(penalty:3,serial:1)x3", 4, 5, 2, "1f1b", ("parallel.stash_weights=true",))]
 
 
-@pytest.mark.parametrize("n,phases,epoch,check,micro,sch", MID_EPOCH)
-def test_stop_inside_an_epoch_resumes_bitwise(tmp_path, n, phases, epoch, check, micro, sch):
+@pytest.mark.parametrize("n,phases,epoch,check,micro,sch,more", MID_EPOCH)
+def test_stop_inside_an_epoch_resumes_bitwise(tmp_path, n, phases, epoch, check, micro, sch, more):
     """A stop request inside an epoch takes effect at the next in-epoch check: every rank saves its
     state of the epoch in progress (the pipeline's micro-batches in flight, received messages,
     gradients, sums; or the serial phase's sums and BatchNorm statistics) and exits 75; the resumed
@@ -216,7 +218,7 @@ def test_stop_inside_an_epoch_resumes_bitwise(tmp_path, n, phases, epoch, check,
     data = make_dataset(tmp_path / "d.h5", n_train=256)
     out = tmp_path / "runs"
     common = (f"train.phases={phases}", "run.checkpoint_every=12", f"run.check_every={check}",
-              f"parallel.micro_batches={micro}", f"parallel.schedule={sch}")
+              f"parallel.micro_batches={micro}", f"parallel.schedule={sch}", *more)
     log = ref_and_cut(data, out, n, common, ("debug.stop_rank=1", f"debug.stop_epoch={epoch}"))
     serial = epoch % 4 == 3  # (X:3,serial:1)x3
     late = n - 1 if sch == "1f1b" else 0  # 1f1b decides a check K-1 ticks after it is made
