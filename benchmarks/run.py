@@ -191,6 +191,8 @@ def main():
             runs += [(f"{method} K=1", 1, {"method": method}),
                      (method, a.ranks, {"method": method, "ds": 1}),
                      (f"{method} F recomputed", a.ranks, {"method": method, "keep": False}),
+                     (f"{method} stashed weights", a.ranks, {"method": method,
+                                                             "extra": ("parallel.stash_weights=true",)}),
                      (f"{method} tick schedule", a.ranks, {"method": method, "schedule": "tick"}),
                      (f"{method} M=1", a.ranks, {"method": method, "micro": 1}),
                      (f"{method} DS s=2", a.ranks, {"method": method, "ds": 2}),
