@@ -115,7 +115,7 @@ def test_pipeline_hybrid_in_process(tiny_data, method, world_size):
     run_simulated(world_size, lambda comm: _hybrid_equals_reference(comm, tiny_data, method))
 
 
-def _hybrid_equals_reference(world, tiny_data, method):
+def _hybrid_equals_reference(world, tiny_data, method, stash=False):
     R = 2 if world.size % 2 == 0 else 1
     topo = Topology(world, R)  # the layout the run uses
     K, replica, stage, pipe = topo.stages, topo.replica, topo.stage, topo.pipe
@@ -124,7 +124,7 @@ def _hybrid_equals_reference(world, tiny_data, method):
         data = DeviceDataset(tiny_data, DEVICE)
         ranges = balanced_partition(make_model().costs, K)
         shard = replica_shard(data.n_train, R, replica, SEED) if R > 1 else None
-        pcfg = ParallelConfig(micro_batches=2, replicas=R)
+        pcfg = ParallelConfig(micro_batches=2, replicas=R, stash_weights=stash)
         model = make_model()
         eng = PipelineEngine(model, make_optimizer(model, OPT), pipe, data, ranges, pcfg, method=method,
                              batch_size=BATCH, drop_last=True, seed=SEED,
@@ -135,7 +135,7 @@ def _hybrid_equals_reference(world, tiny_data, method):
         topo.free()
     ref, M = reference(make_model, lambda m: make_optimizer(m, OPT), data, ranges, method=method, ds=1,
                        epochs=EPOCHS, batch_size=BATCH, micro=2, seed=SEED, lr=LR, betas=betas_for(K),
-                       replicas=R, schedule=pcfg.schedule)
+                       replicas=R, schedule=pcfg.schedule, stash=stash)
     dp = stage_diff(model, ref[stage], ranges[stage])
     dm = 0.0
     if eng.store is not None:

@@ -4,7 +4,18 @@ kept graph. Checked against the one-process reference, which stashes by copying 
 and differentiating a functional call at those copies (no kept graphs). Marked mpi: K = the
 communicator size; the in-process variants run K = 2..4 as virtual ranks under plain pytest."""
 import pytest
-from test_pipeline import BATCH, EPOCHS, LR, OPT, SEED, betas_for, make_model, run_engine, stage_diff
+from test_pipeline import (
+    BATCH,
+    EPOCHS,
+    LR,
+    OPT,
+    SEED,
+    _hybrid_equals_reference,
+    betas_for,
+    make_model,
+    run_engine,
+    stage_diff,
+)
 
 from hpc_layerpar.config import ParallelConfig
 from hpc_layerpar.data import DeviceDataset
@@ -55,3 +66,9 @@ def test_stashed_weights_equal_reference(world, tiny_data, method, micro, sch, w
 @pytest.mark.parametrize("method,micro,sch,wire,keep", COMBOS)
 def test_stashed_weights_equal_reference_in_process(tiny_data, K, method, micro, sch, wire, keep):
     run_simulated(K, lambda comm: _stash_equals_reference(comm, tiny_data, method, micro, sch, wire, keep))
+
+
+@pytest.mark.parametrize("method", ["penalty", "al"])
+def test_stashed_weights_with_replicas_in_process(tiny_data, method):
+    """K = 2 stages x R = 2 replicas: a stashed B's gradient joins the next step's Allreduce."""
+    run_simulated(4, lambda comm: _hybrid_equals_reference(comm, tiny_data, method, stash=True))
