@@ -58,8 +58,8 @@ def thaw(eng, ep, state: dict) -> int:
     dev = eng.device
 
     def on(t):
-        if isinstance(t, list):  # stashed parameters
-            return [x.to(dev) for x in t]
+        if isinstance(t, list):  # stashed parameters, leaves again
+            return [x.to(dev).requires_grad_() for x in t]
         return t.to(dev) if torch.is_tensor(t) else t
 
     objs = [MicroBatch(**{f: on(d[f]) for f in FIELDS}) for d in state["micro_batches"]]

@@ -89,19 +89,14 @@ class StageStep:
         in mb.kept for B, which then needs no recompute (only when B uses the parameters F saw: none
         moves in between, or they are stashed); otherwise no gradients. stash: copy the parameters into
         mb.stash, for a B that comes after a step (parallel.stash_weights)."""
-        if stash:
-            mb.stash = [p.detach().clone() for p in self.stage.params]
+        if stash:  # leaves: B's gradient gathers in their .grad
+            mb.stash = [p.detach().clone().requires_grad_() for p in self.stage.params]
         with torch.set_grad_enabled(keep):
             x, leaf = self.input(mb, keep)
-            d = self.stage.filter.down(self.stage(x, self._stashed(mb)))
+            d = self.stage.filter.down(self.stage(x, mb.stash))
         if keep:
             mb.kept = (d, leaf)
         return d.detach()
-
-    @staticmethod
-    def _stashed(mb: MicroBatch):
-        """The stashed parameters as leaves of a graph (their .grad gathers B's gradient), or None."""
-        return None if mb.stash is None else [s.requires_grad_(True) for s in mb.stash]
 
     def objective(self, mb: MicroBatch, beta, kept: bool = False) -> Objective:
         """The local objective of s.3 on one micro-batch: cross-entropy on the last rank; elsewhere
@@ -120,7 +115,7 @@ class StageStep:
                 y = self.data.train_y[mb.ids.to(self.data.device)]
                 return Objective(F.cross_entropy(u, y), None, (u.detach().argmax(1) == y).sum(), leaf)
             with NoRunningStats(self.stage.modules):
-                d = self.stage.filter.down(self.stage(x, self._stashed(mb)))
+                d = self.stage.filter.down(self.stage(x, mb.stash))
         n = len(d)
         diff = d - mb.anchor
         loss = (mb.p * d).sum() / n
