@@ -85,3 +85,23 @@ def test_time_to_accuracy_end_to_end(tmp_path):
         assert 0 < x["cum_seconds"][0] <= x["cum_seconds"][1] and None not in x["test_acc"]
     assert r["runs"][0]["speedup_to_target"] == 1.0 and r["target"] is not None
     assert "time to target" in (out / "tta.md").read_text() and (out / "tta.png").stat().st_size > 0
+
+
+def test_gpu_split_refinement_moves_one_cut_at_a_time_on_cpu(tmp_path):
+    """benchmarks/gpu_split.py as a CPU smoke run, forced to move (--min-gain -1): every split on its
+    path is valid and one cut one element away from the one before, and the cuts it hands the engine
+    are the last of them."""
+    out = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_split.py"), "--device", "cpu",
+                        "--model", "resnet8-tiny", "--ks", "3", "--steps", "1", "--batch", "16", "--rounds", "2",
+                        "--min-gain", "-1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())["ks"]["3"]
+    path = [tuple(x["cuts"]) for x in r["path"]]
+    assert len(path) == 3 and path[0] == tuple(r["balanced_cuts"]) and path[-1] == tuple(r["refined_cuts"])
+    for before, after in zip(path, path[1:]):
+        assert sum(abs(a - b) for a, b in zip(before, after)) == 1
+    assert all(0 < c[0] < c[1] < 5 for c in path)  # resnet8-tiny: 5 elements
+    assert all(len(x["stage_ms"]) == 3 for x in r["path"]) and set(r["retimed_ms"]) == {"balanced", "refined"}
+    assert f"parallel.partition={','.join(map(str, path[-1]))}" in p.stdout
